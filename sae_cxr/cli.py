@@ -1,0 +1,126 @@
+"""`sae-cxr`: one subcommand per stage, plus `phantom` and `demo`.
+
+The CLI only parses arguments and calls the pipeline or a stage module; errors a user can act
+on (bad input, a missing stage) are printed as one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from sae_cxr import __version__
+
+from sae_cxr.run import RunError
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, PermissionError, KeyError, RunError)
+
+
+def _add_phantom(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("phantom", help="generate a phantom world: PNGs + metadata.csv (+ a preview sheet)",
+                       description="Write N phantom chest radiographs with planted concepts to OUT/images and "
+                                   "their labels, concepts, boxes, reports and splits to OUT/metadata.csv.")
+    p.add_argument("--n", type=int, default=64, help="number of images (default 64)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
+    p.add_argument("--shortcut", default=None, help="plant a shortcut, nuisance:finding:rate, e.g. pacemaker:Cardiomegaly:0.9")
+    p.add_argument("--prevalence-scale", type=float, default=1.0, help="multiply every concept's base prevalence")
+    p.add_argument("--preview", default=None, help="also write a contact sheet with labelled boxes to this PNG")
+    p.add_argument("--preview-n", type=int, default=16, help="images on the preview sheet (default 16)")
+    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="render processes")
+    p.set_defaults(func=cmd_phantom)
+
+
+def cmd_phantom(a: argparse.Namespace) -> int:
+    from sae_cxr.data.phantom import PhantomConfig, PhantomWorld, export_folder, preview_sheet
+
+    world = PhantomWorld(PhantomConfig(n=a.n, seed=a.seed, size=a.size, shortcut=a.shortcut,
+                                       prevalence_scale=a.prevalence_scale))
+    t0 = time.perf_counter()
+    csv_path = export_folder(world, a.out, workers=a.workers)
+    dt = time.perf_counter() - t0
+    print(f"wrote {a.n} images and {csv_path} in {dt:.1f} s ({a.n / dt:.0f} images/s)")
+    if a.preview:
+        print(f"preview: {preview_sheet(world, a.preview, n=a.preview_n)}")
+    return 0
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="run every stage end to end on the built-in phantom world",
+                       description="Generate a phantom world with a planted shortcut and run the whole pipeline on it.")
+    p.add_argument("--out", default="artifacts/demo", help="run directory (default artifacts/demo)")
+    p.add_argument("--n", type=int, default=None, help="number of phantom images (default: the demo's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--shortcut", default="pacemaker:Cardiomegaly:0.9",
+                   help="planted shortcut nuisance:finding:rate, or 'none'")
+    p.add_argument("--force", nargs="*", default=[], metavar="STAGE", help="redo these stages (and all after them)")
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from sae_cxr.pipeline import demo_config, run_pipeline
+    from sae_cxr.run import RunDir
+
+    shortcut = None if str(a.shortcut).lower() in ("none", "") else a.shortcut
+    kwargs: dict[str, Any] = {"seed": a.seed, "size": a.size, "shortcut": shortcut}
+    if a.n is not None:
+        kwargs["n"] = a.n
+    cfg = demo_config(a.out, **kwargs)
+    run = RunDir(a.out, create=True)
+    t0 = time.perf_counter()
+
+    def report(name: str, summary: dict[str, Any]) -> None:
+        state = "skipped (up to date)" if summary.get("skipped") else f"{summary.get('seconds', 0):.1f} s"
+        print(f"[{time.perf_counter() - t0:6.1f} s] {name:<18} {state}  {_short(summary)}", flush=True)
+
+    run_pipeline(run, cfg, force=a.force, on_stage=report)
+    print(f"demo finished in {time.perf_counter() - t0:.1f} s: {run.path}")
+    return 0
+
+
+def _short(summary: dict[str, Any], limit: int = 160) -> str:
+    s = json.dumps({k: v for k, v in summary.items() if k not in ("seconds", "skipped")}, default=str)
+    return s if len(s) <= limit else s[: limit - 1] + "…"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sae-cxr", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"sae-cxr {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress and debugging details")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for add in ADDERS:
+        add(sub)
+    return p
+
+
+ADDERS: list[Callable[[argparse._SubParsersAction], None]] = [_add_phantom, _add_demo]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except USER_ERRORS as e:
+        if args.verbose:
+            raise
+        print(f"sae-cxr {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""Image decoding into one convention: float32 [H, W] in [0, 1], brighter = denser.
+
+PNG and JPEG (8- or 16-bit, grayscale, RGB, RGBA, palette) go through Pillow; DICOM goes
+through pydicom with the modality LUT, the file's VOI windowing and MONOCHROME1 inversion, so
+a DICOM from RSNA and a PNG from NIH land in the same convention.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+
+DICOM_SUFFIXES = {".dcm", ".dicom"}
+MAX_PIXELS = 10_000 * 10_000  # larger images are refused rather than exhausting memory
+
+
+class ImageReadError(ValueError):
+    """An image that cannot be decoded; the message names the file and the problem."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"image is not readable: {self.path}: {reason}")
+
+
+def load_image(path: str | os.PathLike) -> np.ndarray:
+    """Decode an image file (PNG, JPEG, DICOM) into float32 [H, W] in [0, 1]."""
+    p = Path(path)
+    if not p.exists():
+        raise ImageReadError(p, "file does not exist")
+    if not p.is_file():
+        raise ImageReadError(p, "not a regular file")
+    data = p.read_bytes()
+    return decode_image(data, name=str(p))
+
+
+def decode_image(data: bytes, name: str = "<bytes>") -> np.ndarray:
+    """Decode image bytes; `name` is used in error messages and to recognise DICOM by suffix."""
+    if len(data) == 0:
+        raise ImageReadError(name, "file is empty")
+    if _looks_like_dicom(data) or Path(name).suffix.lower() in DICOM_SUFFIXES:
+        return _decode_dicom(data, name)
+    return _decode_pillow(data, name)
+
+
+def _looks_like_dicom(data: bytes) -> bool:
+    return len(data) >= 132 and data[128:132] == b"DICM"
+
+
+def _decode_pillow(data: bytes, name: str) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.width * im.height > MAX_PIXELS:
+                raise ImageReadError(name, f"image is {im.width}x{im.height}, above the limit of "
+                                           f"{MAX_PIXELS} pixels")
+            im.load()
+            arr = _pillow_to_gray(im)
+    except ImageReadError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageReadError(name, "not a PNG, JPEG or DICOM image") from None
+    except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt files
+        raise ImageReadError(name, f"corrupt or truncated image ({e})") from None
+    return _finish(arr, name)
+
+
+def _pillow_to_gray(im) -> np.ndarray:
+    mode = im.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        arr = np.asarray(im, dtype=np.uint16).astype(np.float32)
+        return arr / _integer_range(arr)
+    if mode == "I":
+        arr = np.asarray(im, dtype=np.int64).astype(np.float64)
+        lo = min(float(arr.min()), 0.0)
+        return ((arr - lo) / max(_integer_range(arr - lo), 1.0)).astype(np.float32)
+    if mode == "F":
+        arr = np.asarray(im, dtype=np.float32)
+        lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+        return (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+    if mode in ("RGBA", "LA", "PA"):
+        im = im.convert("RGBA" if mode != "LA" else "LA")
+        arr = np.asarray(im, dtype=np.float32) / 255.0
+        alpha = arr[..., -1:]
+        color = arr[..., :-1]
+        gray = color.mean(axis=-1) if color.shape[-1] == 1 else _luminance(color)
+        return gray * alpha[..., 0]  # composite over black: transparent areas read as air
+    if mode == "L":
+        return np.asarray(im, dtype=np.float32) / 255.0
+    if mode == "1":
+        return np.asarray(im, dtype=np.float32)
+    rgb = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+    return _luminance(rgb)
+
+
+def _luminance(rgb: np.ndarray) -> np.ndarray:
+    return rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
+
+
+def _integer_range(arr: np.ndarray) -> float:
+    """Full scale of integer pixel data: 8, 10, 12, 14 or 16 bits, inferred from the maximum.
+
+    Many 16-bit radiographs store 12 bits; dividing those by 65535 would leave them black.
+    """
+    peak = float(arr.max()) if arr.size else 0.0
+    bits = 8
+    while (2 ** bits - 1) < peak and bits < 16:
+        bits += 2
+    return float(2 ** bits - 1)
+
+
+def _decode_dicom(data: bytes, name: str) -> np.ndarray:
+    try:
+        import pydicom
+        from pydicom.errors import InvalidDicomError
+        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    except ImportError as e:  # pragma: no cover - pydicom is a dependency
+        raise ImageReadError(name, f"pydicom is required to read DICOM ({e})") from None
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=True)
+    except (InvalidDicomError, OSError, EOFError, ValueError, KeyError) as e:
+        raise ImageReadError(name, f"corrupt DICOM header ({e})") from None
+    if "PixelData" not in ds:
+        raise ImageReadError(name, "DICOM file has no pixel data")
+    rows, cols = int(getattr(ds, "Rows", 0)), int(getattr(ds, "Columns", 0))
+    if rows * cols > MAX_PIXELS:
+        raise ImageReadError(name, f"image is {cols}x{rows}, above the limit of {MAX_PIXELS} pixels")
+    try:
+        raw = ds.pixel_array
+    except Exception as e:  # pydicom raises many types for truncated or unsupported pixel data
+        raise ImageReadError(name, f"cannot decode DICOM pixel data ({type(e).__name__}: {e})") from None
+    photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
+    if raw.ndim == 3 and raw.shape[-1] in (3, 4) and not photometric.startswith("MONOCHROME"):
+        arr = _luminance(raw[..., :3].astype(np.float32))
+        lo, hi = float(arr.min()), float(arr.max())
+        return _finish((arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr), name)
+    if raw.ndim == 3:  # multi-frame: the first frame is the radiograph
+        raw = raw[0]
+    arr = apply_modality_lut(raw, ds).astype(np.float64)
+    has_window = "WindowCenter" in ds and "WindowWidth" in ds or "VOILUTSequence" in ds
+    if has_window:
+        windowed = np.asarray(apply_voi_lut(arr, ds, index=0), dtype=np.float64)
+        lo, hi = _voi_range(ds, windowed)
+    else:
+        windowed = arr
+        lo, hi = float(arr.min()), float(arr.max())
+    out = np.clip((windowed - lo) / (hi - lo), 0.0, 1.0) if hi > lo else np.zeros_like(windowed)
+    if photometric == "MONOCHROME1":  # high values are dark: invert into our convention
+        out = 1.0 - out
+    return _finish(out.astype(np.float32), name)
+
+
+def _voi_range(ds, windowed: np.ndarray) -> tuple[float, float]:
+    """Output range of the VOI transform: the window maps onto [y_min, y_max] of the stored bits."""
+    if "WindowCenter" in ds and "WindowWidth" in ds and "VOILUTSequence" not in ds:
+        bits = int(getattr(ds, "BitsStored", 16))
+        signed = int(getattr(ds, "PixelRepresentation", 0)) == 1
+        if signed:
+            return float(-(2 ** (bits - 1))), float(2 ** (bits - 1) - 1)
+        return 0.0, float(2 ** bits - 1)
+    return float(windowed.min()), float(windowed.max())
+
+
+def _finish(arr: np.ndarray, name: str) -> np.ndarray:
+    arr = np.asarray(arr, dtype=np.float32)
+    if arr.ndim != 2:
+        raise ImageReadError(name, f"expected a 2-D image after conversion, got shape {arr.shape}")
+    if arr.shape[0] < 8 or arr.shape[1] < 8:
+        raise ImageReadError(name, f"image is {arr.shape[1]}x{arr.shape[0]} pixels; at least 8x8 is needed")
+    if not np.isfinite(arr).all():
+        raise ImageReadError(name, "image contains NaN or infinite pixel values")
+    return np.clip(arr, 0.0, 1.0, out=arr)
+
+
+def save_png(image: np.ndarray, path: str | os.PathLike, bits: int = 8) -> None:
+    """Write a [H, W] float image in [0, 1] as an 8- or 16-bit grayscale PNG."""
+    from PIL import Image
+
+    img = np.clip(np.asarray(image, dtype=np.float32), 0.0, 1.0)
+    if bits == 8:
+        Image.fromarray((img * 255.0 + 0.5).astype(np.uint8), mode="L").save(path, format="PNG")
+    elif bits == 16:
+        Image.fromarray((img * 65535.0 + 0.5).astype(np.uint16)).save(path, format="PNG")
+    else:
+        raise ValueError(f"bits must be 8 or 16, got {bits}")

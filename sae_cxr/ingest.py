@@ -1,0 +1,94 @@
+"""The data stage: load (or generate) the images and store what is known about them.
+
+Writes `records.parquet` (one row per record) and the data set spec in the manifest, so every
+later stage, the reports and the dashboard reopen the same images without the CLI flags. A
+phantom world is written to `data/` as PNGs plus metadata.csv and read back through the
+folder+CSV adapter: the demo runs the same path a user's own folder of images does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from sae_cxr.config import DataConfig
+from sae_cxr.data import open_dataset
+from sae_cxr.data.base import DataSet, Record, record_from_row
+from sae_cxr.run import RECORDS, RunDir, atomic_path
+
+PHANTOM_DIR = "data"
+SKIPPED = "data/skipped.json"
+
+
+def load_dataset(cfg: DataConfig, run: RunDir | None = None, workers: int | None = None) -> DataSet:
+    """Build the data set a DataConfig describes (generating a phantom world into the run if needed)."""
+    if cfg.source == "phantom":
+        from sae_cxr.data.folder import load_folder
+        from sae_cxr.data.phantom import PhantomWorld, export_folder
+
+        if run is None:
+            return PhantomWorld(cfg.phantom).dataset()
+        world = PhantomWorld(cfg.phantom)
+        csv_path = export_folder(world, run.sub(PHANTOM_DIR), workers=workers or min(2, os.cpu_count() or 1))
+        return load_folder(csv_path)
+    if cfg.path is None:
+        raise ValueError(f"data source {cfg.source!r} needs a path (data.path in the config, --data on the CLI)")
+    if cfg.source == "folder":
+        from sae_cxr.data.folder import load_folder
+
+        return load_folder(cfg.path, cfg.options.get("image_root"), uncertainty=cfg.uncertainty,
+                           skip_bad=cfg.skip_bad, decode_images=bool(cfg.options.get("decode_images", False)))
+    spec = {"kind": cfg.source, "path": cfg.path, "uncertainty": cfg.uncertainty, "skip_bad": cfg.skip_bad,
+            **cfg.options}
+    return open_dataset(spec)
+
+
+def ingest(run: RunDir, cfg: DataConfig, seed: int = 0) -> tuple[list[str], dict[str, Any]]:
+    ds = load_dataset(cfg, run)
+    write_records(run, ds)
+    outputs = [RECORDS]
+    if cfg.source == "phantom":
+        outputs.append(PHANTOM_DIR)
+    if ds.skipped:
+        with atomic_path(run.sub(SKIPPED)) as tmp:
+            tmp.write_text(json.dumps([s.to_dict() for s in ds.skipped], indent=2))
+        if SKIPPED not in outputs and PHANTOM_DIR not in outputs:
+            outputs.append(SKIPPED)
+    run.update_manifest(dataset=ds.spec)
+    summary = {"records": len(ds), "splits": ds.split_counts(), "skipped": len(ds.skipped), "source": cfg.source}
+    return outputs, summary
+
+
+def write_records(run: RunDir, ds: DataSet) -> Path:
+    df = pd.DataFrame([r.to_row() for r in ds])
+    path = run.sub(RECORDS)
+    with atomic_path(path) as tmp:
+        df.to_parquet(tmp, index=False)
+    return path
+
+
+def read_records_table(run: RunDir) -> pd.DataFrame:
+    run.require("data")
+    return pd.read_parquet(run.verify(RECORDS))
+
+
+def open_run_dataset(run: RunDir) -> DataSet:
+    """The run's data set: records from records.parquet, images through the stored spec."""
+    spec = run.manifest().get("dataset")
+    if not spec:
+        raise ValueError(f"run {run.path} has no data set yet; run the data stage first")
+    df = read_records_table(run)
+    loaders = _loaders_for(spec, df)
+    records: list[Record] = [record_from_row(row, loaders.get(row["id"])) for row in df.to_dict("records")]
+    return DataSet(records, spec=spec)
+
+
+def _loaders_for(spec: dict[str, Any], df: pd.DataFrame) -> dict[str, Any]:
+    """Lazy loaders for records that have no image file (an in-memory phantom world)."""
+    if spec.get("kind") != "phantom":
+        return {}
+    return {r.id: r.loader for r in open_dataset(spec)}

@@ -1,0 +1,122 @@
+"""The stages in order. Each reads and writes the run directory, nothing else.
+
+A stage is skipped when it finished before with the same inputs hash (its config section plus
+the output hashes of the stages it depends on); `force` redoes it and invalidates the stages
+after it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from sae_cxr.config import RunConfig, to_dict
+from sae_cxr.run import RunDir, sha256_json
+
+log = logging.getLogger("sae_cxr")
+
+StageFn = Callable[[RunDir, RunConfig], "StageResult"]
+
+
+@dataclass
+class StageResult:
+    outputs: list[str]  # paths relative to the run directory
+    summary: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    depends: tuple[str, ...]
+    config_keys: tuple[str, ...]  # RunConfig sections whose change invalidates the stage
+    fn: StageFn
+    description: str
+
+
+def _stage_data(run: RunDir, cfg: RunConfig) -> StageResult:
+    from sae_cxr.ingest import ingest
+
+    return StageResult(*ingest(run, cfg.data, seed=cfg.seed))
+
+
+STAGES: list[Stage] = [
+    Stage("data", (), ("data",), _stage_data, "load or generate the images and write records.parquet"),
+]
+
+
+def stage_names() -> list[str]:
+    return [s.name for s in STAGES]
+
+
+def get_stage(name: str) -> Stage:
+    for s in STAGES:
+        if s.name == name:
+            return s
+    raise ValueError(f"unknown stage {name!r}; stages: {', '.join(stage_names())}")
+
+
+def inputs_hash(run: RunDir, stage: Stage, cfg: RunConfig) -> str:
+    d = to_dict(cfg)
+    parts: dict[str, Any] = {k: d.get(k) for k in stage.config_keys}
+    if "seed" not in stage.config_keys:
+        parts["seed"] = cfg.seed
+    for dep in stage.depends:
+        parts[f"stage:{dep}"] = run.stage_hash(dep)
+    return sha256_json(parts)
+
+
+def run_stage(run: RunDir, name: str, cfg: RunConfig, force: bool = False) -> dict[str, Any]:
+    """Run one stage unless it is already done with the same inputs; return its summary."""
+    stage = get_stage(name)
+    for dep in stage.depends:
+        run.require(dep, hint=f"stage {name!r} needs it: run `sae-cxr {dep} --run {run.path}` first")
+    h = inputs_hash(run, stage, cfg)
+    if not force and run.is_done(name, h):
+        log.info("stage %s: up to date, skipped", name)
+        info = run.stage(name)
+        return {"skipped": True, **(info.summary if info else {})}
+    later = [s.name for s in STAGES[STAGES.index(stage) + 1:]]
+    run.invalidate(*later) if force else None
+    run.set_config("run", {"name": cfg.name, "seed": cfg.seed})
+    for key in stage.config_keys:
+        run.set_config(key, to_dict(getattr(cfg, key)))
+    run.begin_stage(name, h)
+    t0 = time.perf_counter()
+    result = stage.fn(run, cfg)
+    seconds = time.perf_counter() - t0
+    summary = {**result.summary, "seconds": round(seconds, 2)}
+    run.finish_stage(name, result.outputs, summary)
+    log.info("stage %s: done in %.1f s", name, seconds)
+    return summary
+
+
+def run_pipeline(run: RunDir, cfg: RunConfig, stages: Sequence[str] | None = None,
+                 force: Sequence[str] = (), on_stage: Callable[[str, dict[str, Any]], None] | None = None
+                 ) -> dict[str, dict[str, Any]]:
+    """Run stages in order (all by default); `force` names stages to redo."""
+    names = list(stages) if stages is not None else stage_names()
+    unknown = [f for f in force if f not in stage_names()]
+    if unknown:
+        raise ValueError(f"--force names unknown stage(s) {unknown}; stages: {', '.join(stage_names())}")
+    out: dict[str, dict[str, Any]] = {}
+    forced = False
+    for name in names:
+        forced = forced or name in force
+        out[name] = run_stage(run, name, cfg, force=forced)
+        if on_stage:
+            on_stage(name, out[name])
+    return out
+
+
+def demo_config(out: str | Path, n: int = 6000, seed: int = 0, size: int = 128,
+                shortcut: str | None = "pacemaker:Cardiomegaly:0.9") -> RunConfig:
+    """The demo: the phantom world with a planted shortcut, every stage at its defaults."""
+    from sae_cxr.config import DataConfig
+    from sae_cxr.data.phantom import PhantomConfig
+
+    return RunConfig(name=Path(out).name, seed=seed,
+                     data=DataConfig(source="phantom", phantom=PhantomConfig(n=n, seed=seed, size=size,
+                                                                             shortcut=shortcut)))

@@ -1,0 +1,327 @@
+"""The run directory: the only contract between stages, the CLI, the reports and the dashboard.
+
+Layout (artifacts/<run>/):
+
+    manifest.json        config, versions, data set spec, stage status, per-file sha256
+    records.parquet      one row per record (labels, concepts, boxes, report, split)
+    embeddings/          image/text embeddings and patch tokens, in shards
+    classifier/          head weights (safetensors), config, metrics
+    transcoders/         ensemble.safetensors, config.json, metrics
+    patterns.parquet     one row per pattern (+ patterns.safetensors for arrays)
+    galleries/           per-pattern top-k and quantile samples
+    indices/             *.faiss
+    labels.jsonl         one label per pattern
+    attributions/        per-prediction decompositions
+    explanations/        natural-language explanations
+    reports/             batch reports
+    eval/                benchmark metrics and plots
+
+Every file is written to a temporary name in the same directory, fsynced and renamed, so a
+killed stage never leaves a half-written file under its real name. The manifest records a
+sha256 per file when its stage finishes; `RunDir.verify` detects a file that was changed or
+truncated afterwards and names it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+MANIFEST = "manifest.json"
+RECORDS = "records.parquet"
+RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class RunError(RuntimeError):
+    """A run directory that is missing, incomplete or inconsistent."""
+
+
+class CorruptFileError(RunError):
+    """A file whose bytes no longer match the checksum its stage recorded."""
+
+    def __init__(self, path: Path, expected: str, actual: str):
+        self.path = path
+        super().__init__(f"{path} is corrupt or was modified after its stage finished "
+                         f"(sha256 {actual[:12]}…, manifest says {expected[:12]}…); rerun the stage with --force")
+
+
+class StageMissingError(RunError):
+    """A stage's input comes from an earlier stage that has not run."""
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_json(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; on success fsync it and rename it into place.
+
+    On an exception the temporary file is removed and `path` is left as it was.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+        _fsync_dir(target.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n").encode())
+
+
+def _json_default(obj: Any) -> Any:
+    import numpy as np
+
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def check_run_name(name: str) -> str:
+    """Run names become directory names: refuse anything that could leave artifacts/."""
+    if not RUN_NAME_RE.match(name) or name in (".", ".."):
+        raise ValueError(f"run name {name!r} is not allowed: use letters, digits, '.', '_' and '-', "
+                         "starting with a letter or digit")
+    return name
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("sae-cxr", "torch", "numpy", "open_clip_torch", "faiss-cpu"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+@dataclass
+class StageInfo:
+    status: str  # "running" | "done"
+    inputs_hash: str
+    started: str
+    finished: str | None
+    outputs: dict[str, str]  # relative path -> sha256
+    summary: dict[str, Any]
+
+
+class RunDir:
+    """A run directory and its manifest."""
+
+    def __init__(self, path: str | os.PathLike, create: bool = False):
+        self.path = Path(path).resolve()
+        if create:
+            self.path.mkdir(parents=True, exist_ok=True)
+            if not (self.path / MANIFEST).exists():
+                write_json_atomic(self.path / MANIFEST, {
+                    "created": _now(), "versions": versions(), "config": {}, "dataset": None, "stages": {},
+                })
+        elif not (self.path / MANIFEST).exists():
+            if self.path.exists():
+                raise RunError(f"{self.path} is not a run directory (no {MANIFEST}); "
+                               "run `sae-cxr demo` or the first stage to create it")
+            raise RunError(f"run directory {self.path} does not exist")
+
+    # -- paths ---------------------------------------------------------------------------------
+    def __truediv__(self, rel: str) -> Path:
+        return self.sub(rel)
+
+    def sub(self, rel: str | os.PathLike) -> Path:
+        """A path inside the run; refuses paths that would leave the run directory."""
+        p = (self.path / rel).resolve()
+        if p != self.path and self.path not in p.parents:
+            raise ValueError(f"path {rel!s} escapes the run directory {self.path}")
+        return p
+
+    def rel(self, p: str | os.PathLike) -> str:
+        return str(Path(p).resolve().relative_to(self.path))
+
+    # -- manifest ------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        lock = self.path / ".manifest.lock"
+        with open(lock, "a+") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+    def manifest(self) -> dict[str, Any]:
+        try:
+            return json.loads((self.path / MANIFEST).read_text())
+        except json.JSONDecodeError as e:
+            raise RunError(f"{self.path / MANIFEST} is not valid JSON ({e})") from None
+
+    def update_manifest(self, **fields: Any) -> dict[str, Any]:
+        with self._locked():
+            m = self.manifest()
+            m.update(fields)
+            write_json_atomic(self.path / MANIFEST, m)
+            return m
+
+    def set_config(self, section: str, cfg: dict[str, Any]) -> None:
+        with self._locked():
+            m = self.manifest()
+            m.setdefault("config", {})[section] = cfg
+            write_json_atomic(self.path / MANIFEST, m)
+
+    def config(self, section: str) -> dict[str, Any] | None:
+        return self.manifest().get("config", {}).get(section)
+
+    # -- stages --------------------------------------------------------------------------------
+    def stage(self, name: str) -> StageInfo | None:
+        s = self.manifest().get("stages", {}).get(name)
+        if s is None:
+            return None
+        return StageInfo(status=s["status"], inputs_hash=s.get("inputs_hash", ""), started=s.get("started", ""),
+                         finished=s.get("finished"), outputs=s.get("outputs", {}), summary=s.get("summary", {}))
+
+    def is_done(self, name: str, inputs_hash: str | None = None) -> bool:
+        s = self.stage(name)
+        if s is None or s.status != "done":
+            return False
+        if inputs_hash is not None and s.inputs_hash != inputs_hash:
+            return False
+        return all((self.path / rel).exists() for rel in s.outputs)
+
+    def require(self, name: str, hint: str | None = None) -> StageInfo:
+        s = self.stage(name)
+        if s is None or s.status != "done":
+            raise StageMissingError(f"stage {name!r} has not finished in run {self.path}; "
+                                    f"{hint or f'run `sae-cxr {name} --run {self.path}` first'}")
+        return s
+
+    def begin_stage(self, name: str, inputs_hash: str) -> None:
+        with self._locked():
+            m = self.manifest()
+            m.setdefault("stages", {})[name] = {"status": "running", "inputs_hash": inputs_hash,
+                                                 "started": _now(), "finished": None, "outputs": {},
+                                                 "summary": {}}
+            write_json_atomic(self.path / MANIFEST, m)
+
+    def finish_stage(self, name: str, outputs: list[str | os.PathLike], summary: dict[str, Any] | None = None) -> None:
+        """Mark a stage done, recording a sha256 for every output file (directories are walked)."""
+        files: dict[str, str] = {}
+        for out in outputs:
+            p = self.sub(out)
+            if p.is_dir():
+                for f in sorted(p.rglob("*")):
+                    if f.is_file() and not f.name.startswith("."):
+                        files[self.rel(f)] = sha256_file(f)
+            elif p.is_file():
+                files[self.rel(p)] = sha256_file(p)
+            else:
+                raise RunError(f"stage {name!r} claims output {out} but it was not written")
+        with self._locked():
+            m = self.manifest()
+            s = m.setdefault("stages", {}).setdefault(name, {"started": _now(), "inputs_hash": ""})
+            s.update(status="done", finished=_now(), outputs=files, summary=summary or {})
+            write_json_atomic(self.path / MANIFEST, m)
+
+    def invalidate(self, *names: str) -> None:
+        with self._locked():
+            m = self.manifest()
+            for n in names:
+                m.get("stages", {}).pop(n, None)
+            write_json_atomic(self.path / MANIFEST, m)
+
+    def stage_hash(self, name: str) -> str:
+        """A digest of a finished stage's outputs: what later stages fold into their inputs hash."""
+        s = self.require(name)
+        return sha256_json(s.outputs)
+
+    # -- integrity -----------------------------------------------------------------------------
+    def verify(self, rel: str | os.PathLike) -> Path:
+        """Return the path of a recorded output after checking its sha256 against the manifest."""
+        p = self.sub(rel)
+        key = self.rel(p)
+        for s in self.manifest().get("stages", {}).values():
+            expected = s.get("outputs", {}).get(key)
+            if expected is not None:
+                if not p.exists():
+                    raise RunError(f"{p} is recorded in the manifest but missing; rerun its stage")
+                actual = sha256_file(p)
+                if actual != expected:
+                    raise CorruptFileError(p, expected, actual)
+                return p
+        if not p.exists():
+            raise RunError(f"{p} does not exist in run {self.path}")
+        return p
+
+    def verify_all(self) -> list[str]:
+        """Check every recorded file; return the relative paths that passed, raise on the first bad one."""
+        ok = []
+        for s in self.manifest().get("stages", {}).values():
+            if s.get("status") != "done":
+                continue
+            for rel in s.get("outputs", {}):
+                self.verify(rel)
+                ok.append(rel)
+        return ok
+
+
+def list_runs(root: str | os.PathLike = "artifacts") -> list[Path]:
+    """Run directories directly under `root`, newest first."""
+    r = Path(root)
+    if not r.is_dir():
+        return []
+    runs = [p for p in r.iterdir() if p.is_dir() and (p / MANIFEST).exists()]
+    return sorted(runs, key=lambda p: (p / MANIFEST).stat().st_mtime, reverse=True)
