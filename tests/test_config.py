@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sae_cxr.config import ConfigError, RunConfig
+
+
+def test_round_trip_through_json(tmp_path):
+    cfg = RunConfig(name="x", seed=3)
+    cfg.data.phantom.shortcut = "et_tube:Edema:0.8"
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps(cfg.to_dict()))
+    back = RunConfig.load(p)
+    assert back == cfg
+
+
+def test_unknown_keys_are_named(tmp_path):
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps({"data": {"sorce": "folder"}}))
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['sorce'\] in config section c.json.data"):
+        RunConfig.load(p)
+
+
+def test_toml_and_nested_validation(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text('name = "t"\n[data]\nsource = "phantom"\n[data.phantom]\nn = 0\n')
+    with pytest.raises(ConfigError, match="at least one image"):
+        RunConfig.load(p)
