@@ -91,6 +91,87 @@ def _short(summary: dict[str, Any], limit: int = 160) -> str:
     return s if len(s) <= limit else s[: limit - 1] + "…"
 
 
+# Per-stage flags: (flag, config section, field, type, help). Values override the run's config.
+STAGE_FLAGS: dict[str, list[tuple[str, str, str, Any, str]]] = {
+    "data": [
+        ("--source", "data", "source", str, "phantom | folder | mimic-cxr-jpg | chexpert | nih | rsna"),
+        ("--data", "data", "path", str, "data set root, or the CSV of a folder source"),
+        ("--uncertainty", "data", "uncertainty", str, "uncertain labels: ones | zeros | ignore"),
+        ("--phantom-n", "phantom", "n", int, "phantom world size"),
+        ("--phantom-seed", "phantom", "seed", int, "phantom world seed"),
+        ("--shortcut", "phantom", "shortcut", str, "phantom shortcut nuisance:finding:rate"),
+    ],
+    "extract": [
+        ("--backbone", "extract", "backbone", str, "phantom | biomedclip | hf-hub:ORG/REPO | local-dir:PATH"),
+        ("--mode", "extract", "mode", str, "image | multimodal (image + report, 2x dim)"),
+        ("--patches", "extract", "patches", str, "keep patch tokens for: all | eval | none"),
+        ("--batch-size", "extract", "batch_size", int, "images per forward pass"),
+        ("--workers", "extract", "num_workers", int, "image-decoding processes (-1 = auto)"),
+        ("--device", "extract", "device", str, "auto | cpu | cuda | cuda:N"),
+    ],
+    "train-classifier": [
+        ("--hidden", "classifier", "hidden", int, "hidden width (the transcoders' output)"),
+        ("--lr", "classifier", "lr", float, "learning rate"),
+        ("--max-epochs", "classifier", "max_epochs", int, "epoch limit (early stopping on val mean AUROC)"),
+        ("--n-boot", "classifier", "n_boot", int, "bootstrap resamples for the intervals"),
+    ],
+}
+
+
+def _add_stage(sub: argparse._SubParsersAction, name: str, help_text: str) -> None:
+    p = sub.add_parser(name, help=help_text, description=f"Run the {name!r} stage on a run directory: {help_text}.")
+    p.add_argument("--run", required=True, help="run directory (created if missing)")
+    p.add_argument("--config", default=None, help="a RunConfig JSON/TOML (default: the run's own config)")
+    p.add_argument("--force", action="store_true", help="redo the stage even if its inputs are unchanged")
+    p.add_argument("--skip-bad", action="store_true", help="leave out unreadable images (they are listed)")
+    for flag, section, field_, typ, h in STAGE_FLAGS.get(name, []):
+        p.add_argument(flag, dest=f"ov__{section}__{field_}", type=typ, default=None, help=h)
+    if name == "extract":
+        for flag, section, field_, typ, h in STAGE_FLAGS["data"]:
+            p.add_argument(flag, dest=f"ov__{section}__{field_}", type=typ, default=None,
+                           help=f"{h} (runs the data stage first)")
+        p.add_argument("--dataset", dest="ov__data__source", default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_stage, stage=name)
+
+
+def _apply_overrides(cfg: Any, args: argparse.Namespace) -> tuple[bool, Any]:
+    """Apply --flags to the config; True if any data-stage setting changed."""
+    touched_data = False
+    for key, value in vars(args).items():
+        if not key.startswith("ov__") or value is None:
+            continue
+        _, section, field_ = key.split("__")
+        target = cfg.data.phantom if section == "phantom" else getattr(cfg, section)
+        setattr(target, field_, value)
+        touched_data |= section in ("data", "phantom")
+    if getattr(args, "skip_bad", False):
+        cfg.data.skip_bad = True
+    # re-run dataclass validation on the sections we touched
+    from sae_cxr.config import RunConfig
+
+    return touched_data, RunConfig.from_dict(cfg.to_dict())
+
+
+def cmd_stage(a: argparse.Namespace) -> int:
+    from sae_cxr.config import RunConfig
+    from sae_cxr.pipeline import config_from_run, get_stage, run_stage
+    from sae_cxr.run import RunDir
+
+    run = RunDir(a.run, create=True)
+    cfg = RunConfig.load(a.config) if a.config else config_from_run(run)
+    touched_data, cfg = _apply_overrides(cfg, a)
+    stage = get_stage(a.stage)
+    if "data" in stage.depends and (touched_data or run.stage("data") is None):
+        print(f"data: {_short(run_stage(run, 'data', cfg))}")
+    summary = run_stage(run, a.stage, cfg, force=a.force)
+    state = "up to date, skipped" if summary.get("skipped") else f"done in {summary.get('seconds', 0):.1f} s"
+    print(f"{a.stage}: {state}")
+    for k, v in summary.items():
+        if k not in ("skipped", "seconds"):
+            print(f"  {k}: {json.dumps(v, default=str) if isinstance(v, (dict, list)) else v}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sae-cxr", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"sae-cxr {__version__}")
@@ -99,6 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for add in ADDERS:
         add(sub)
+    from sae_cxr.pipeline import STAGES
+
+    for stage in STAGES:
+        _add_stage(sub, stage.name, stage.description)
     return p
 
 

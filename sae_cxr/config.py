@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from sae_cxr.classifier import ClassifierConfig
 from sae_cxr.data.phantom import PhantomConfig
+from sae_cxr.extract import ExtractConfig
 
 T = TypeVar("T")
 
@@ -94,6 +96,8 @@ class RunConfig:
     name: str = "demo"
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)

@@ -144,3 +144,31 @@ class Shortcut:
 
     def __str__(self) -> str:
         return f"{self.nuisance}:{self.finding}:{self.rate:g}"
+
+
+@dataclass(frozen=True)
+class VocabPhrase:
+    """A phrase of the shipped radiology vocabulary (text labeler, backbone training)."""
+
+    phrase: str
+    category: str
+    concept: str | None  # the phantom concept it names, if any
+
+
+def radiology_vocabulary() -> list[VocabPhrase]:
+    """The shipped vocabulary: a few hundred phrases over the six categories (assets/radiology_vocabulary.tsv)."""
+    from importlib import resources
+
+    text = (resources.files("sae_cxr") / "assets" / "radiology_vocabulary.tsv").read_text(encoding="utf-8")
+    out = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        parts = line.split("\t")
+        if len(parts) < 2 or parts[1] not in CATEGORIES:
+            raise ValueError(f"radiology_vocabulary.tsv line {n} is malformed: {line!r}")
+        concept = parts[2].strip() if len(parts) > 2 and parts[2].strip() else None
+        if concept is not None and concept not in CONCEPTS:
+            raise ValueError(f"radiology_vocabulary.tsv line {n} names unknown concept {concept!r}")
+        out.append(VocabPhrase(parts[0].strip(), parts[1], concept))
+    return out

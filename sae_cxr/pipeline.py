@@ -42,8 +42,26 @@ def _stage_data(run: RunDir, cfg: RunConfig) -> StageResult:
     return StageResult(*ingest(run, cfg.data, seed=cfg.seed))
 
 
+def _stage_extract(run: RunDir, cfg: RunConfig) -> StageResult:
+    from sae_cxr.extract import run_extract
+    from sae_cxr.ingest import open_run_dataset
+
+    ds = open_run_dataset(run)
+    return StageResult(*run_extract(run, cfg.extract, ds.records, skip_bad=cfg.data.skip_bad))
+
+
+def _stage_classifier(run: RunDir, cfg: RunConfig) -> StageResult:
+    from sae_cxr.classifier import run_classifier
+
+    return StageResult(*run_classifier(run, cfg.classifier, seed=cfg.seed))
+
+
 STAGES: list[Stage] = [
     Stage("data", (), ("data",), _stage_data, "load or generate the images and write records.parquet"),
+    Stage("extract", ("data",), ("extract",), _stage_extract,
+          "embed every image (and report) with the backbone; patch tokens for the evaluation splits"),
+    Stage("train-classifier", ("extract",), ("classifier",), _stage_classifier,
+          "train the diagnostic head on the embeddings; AUROC/AUPRC per finding with bootstrap intervals"),
 ]
 
 
@@ -109,6 +127,20 @@ def run_pipeline(run: RunDir, cfg: RunConfig, stages: Sequence[str] | None = Non
         if on_stage:
             on_stage(name, out[name])
     return out
+
+
+def config_from_run(run: RunDir, base: RunConfig | None = None) -> RunConfig:
+    """The RunConfig a run was made with (sections from its manifest over `base` or the defaults)."""
+    from sae_cxr.config import from_dict
+
+    d = to_dict(base or RunConfig())
+    stored = run.manifest().get("config", {})
+    for key, value in stored.items():
+        if key == "run":
+            d["name"], d["seed"] = value.get("name", d["name"]), value.get("seed", d["seed"])
+        elif key in d and value is not None:
+            d[key] = value
+    return from_dict(RunConfig, d)
 
 
 def demo_config(out: str | Path, n: int = 6000, seed: int = 0, size: int = 128,

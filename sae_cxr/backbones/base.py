@@ -49,6 +49,25 @@ class ImageEncoding:
     grid: tuple[int, int]  # (rows, cols) of the patch grid; P = rows * cols
 
 
+@dataclass(frozen=True)
+class Preprocessor:
+    """Letterbox + resize + normalise one image; picklable, so DataLoader workers can run it."""
+
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def __call__(self, img: np.ndarray) -> tuple[torch.Tensor, Letterbox]:
+        arr = np.asarray(img, dtype=np.float32)
+        if arr.ndim != 2:
+            raise ValueError(f"images must be 2-D grayscale, got shape {arr.shape}")
+        S = self.image_size
+        t, lb = letterbox(torch.from_numpy(np.ascontiguousarray(arr)), S)
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
+        return (t.expand(3, S, S) - mean) / std, lb
+
+
 class Backbone(abc.ABC):
     """An image (and optionally text) encoder with a shared embedding space."""
 
@@ -61,19 +80,20 @@ class Backbone(abc.ABC):
     device: torch.device = torch.device("cpu")
 
     # -- images ----------------------------------------------------------------------------------
+    @property
+    def preprocessor(self) -> Preprocessor:
+        return Preprocessor(self.image_size, tuple(self.mean), tuple(self.std))
+
     def preprocess(self, images: Sequence[np.ndarray]) -> tuple[torch.Tensor, list[Letterbox]]:
         """Grayscale float [H, W] images in [0, 1] -> normalised [B, 3, S, S] pixels and their letterboxes."""
-        S = self.image_size
-        out = torch.empty((len(images), 3, S, S), dtype=torch.float32)
+        prep = self.preprocessor
+        out = torch.empty((len(images), 3, self.image_size, self.image_size), dtype=torch.float32)
         boxes = []
-        mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
-        std = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
         for i, img in enumerate(images):
-            arr = np.asarray(img, dtype=np.float32)
-            if arr.ndim != 2:
-                raise ValueError(f"backbone {self.name}: image {i} must be 2-D grayscale, got shape {arr.shape}")
-            t, lb = letterbox(torch.from_numpy(arr), S)
-            out[i] = (t.expand(3, S, S) - mean) / std
+            try:
+                out[i], lb = prep(img)
+            except ValueError as e:
+                raise ValueError(f"backbone {self.name}: image {i}: {e}") from None
             boxes.append(lb)
         return out, boxes
 
