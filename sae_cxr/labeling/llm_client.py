@@ -108,7 +108,8 @@ class LLMConfig:
     max_tokens: int = 512
     """Completion token limit per request."""
     cache_dir: str | None = None
-    """Folder for the response cache; None disables caching."""
+    """Folder for the response cache; None disables caching. Entries are keyed by model name,
+    messages and parameters (not base_url), so one model served from another host shares them."""
     price_in_per_1k: float = 0.0
     """Price per 1,000 prompt tokens, for the cost estimate (currency of your choice, e.g. USD)."""
     price_out_per_1k: float = 0.0
@@ -457,7 +458,8 @@ class OpenAIChatClient:
         self._count(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
                     replies_without_usage=int(not usage_raw), estimated_cost=cost)
         log.debug("chat %s: %d prompt + %d completion tokens", key[:12], usage.prompt_tokens, usage.completion_tokens)
-        return ChatResult(text=text, usage=usage, cached=False, model=str(reply.get("model") or cfg.model),
+        # A reply that quotes the key (an echoing proxy, a debug server) must not carry it into the cache.
+        return ChatResult(text=self._scrub(text), usage=usage, cached=False, model=str(reply.get("model") or cfg.model),
                           finish_reason=choice.get("finish_reason"))
 
 

@@ -330,6 +330,8 @@ def test_key_never_leaks(server: ChatServer, tmp_path: Path, caplog: pytest.LogC
             return Reply(401, {"error": {"message": f"Incorrect API key provided: {KEY}"}})
         if text == "garbage":
             return Reply(200, f"<html>{echoed}</html>")
+        if text == "echo":  # a 200 whose reply quotes the header: it gets cached
+            return Reply(body=completion(echoed))
         if text == "slow":
             return Reply(body=completion(echoed), delay=1.0)
         return Reply(body=completion("fine", prompt_tokens=5, completion_tokens=1))
@@ -339,6 +341,7 @@ def test_key_never_leaks(server: ChatServer, tmp_path: Path, caplog: pytest.LogC
     client = make_client(server, cache_dir=str(cache), max_retries=1)
     client.chat(user("ok"))
     client.chat(user("ok"))  # cache hit
+    assert client.chat(user("echo")).text == "your header was Bearer ***"
     errors: list[BaseException] = []
     for text in ("retry-then-400", "401", "garbage"):
         with pytest.raises(LLMHTTPError if text != "garbage" else LLMResponseError) as info:
