@@ -133,7 +133,8 @@ class LocalVLM:
         with self._lock:
             inputs = self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True,
                                                         return_dict=True, return_tensors="pt")
-            inputs = inputs.to(self.config.device)
+            # floating inputs (pixels) in the model's dtype: not every model casts them itself
+            inputs = inputs.to(device=self.config.device, dtype=self.model.dtype)
             sampling = self.config.temperature > 0
             gen_kwargs: dict[str, Any] = {"max_new_tokens": self.config.max_new_tokens, "do_sample": sampling}
             if sampling:

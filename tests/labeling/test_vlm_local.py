@@ -102,3 +102,12 @@ def test_labeler_on_the_local_back_end_rejects_noise(vlm: LocalVLM) -> None:
     with pytest.raises(LMMReplyError, match=r"pattern 42: no valid reply from the model after 2 attempt\(s\)"):
         LMMLabeler(vlm, LMMConfig(max_reasks=1)).describe_pattern(make_png(), ["Pacemaker."], {"pattern_id": 42})
     assert vlm.accounting.calls == before + 2
+
+
+def test_dtype_option_loads_bfloat16_and_generates(tiny_folder: Path) -> None:
+    import torch
+
+    vlm = LocalVLM(LocalVLMConfig(path=str(tiny_folder), dtype="bfloat16", max_new_tokens=2))
+    assert vlm.model.dtype == torch.bfloat16
+    result = vlm.chat([{"role": "user", "content": [image_part(make_png()), text_part("hi")]}])
+    assert 1 <= result.usage.completion_tokens <= 2
