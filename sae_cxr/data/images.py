@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,28 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
     except OSError as e:  # permissions, a file vanishing mid-run, I/O errors on network storage
         raise ImageReadError(p, f"cannot read the file ({e.strerror or e})") from None
     return decode_image(data, name=str(p))
+
+
+def image_problem(path: str | os.PathLike, decode: bool = False) -> str | None:
+    """Why an image cannot be used ("does not exist", "is not readable (...)"), or None.
+
+    Adapters call this for every row: a stat by default (cheap on 377k files), a full decode
+    when asked, so bad files are found when the data set is opened rather than mid-training.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "does not exist"
+    except OSError as e:
+        return f"cannot be accessed ({e.strerror or e})"
+    if not stat.S_ISREG(st.st_mode):
+        return "is not a file"
+    if decode:
+        try:
+            load_image(path)
+        except ImageReadError as e:
+            return f"is not readable ({e.reason})"
+    return None
 
 
 def decode_image(data: bytes, name: str = "<bytes>") -> np.ndarray:
