@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from sae_cxr.data.base import Box, DataSet, Record, SkippedItem
-from sae_cxr.data.images import ImageReadError, load_image
+from sae_cxr.data.images import image_problem
 from sae_cxr.data.tables import (DataError, check_policy, find_column, hash_split, labels_array,
                                  normalise_split, parse_label, read_table, resolve_image, where)
 from sae_cxr.findings import FINDINGS
@@ -64,7 +64,7 @@ def load_folder(csv_path: str | os.PathLike, image_root: str | os.PathLike | Non
     for i, row in enumerate(df.to_dict("records")):
         image_path = resolve_image(root, row[path_col], csv_path, i, path_col)
         rid = str(row[id_col]).strip() if id_col and str(row[id_col]).strip() else Path(row[path_col]).with_suffix("").as_posix()
-        problem = _image_problem(image_path, decode_images)
+        problem = image_problem(image_path, decode_images)
         if problem is not None:
             if skip_bad:
                 skipped.append(SkippedItem(where(csv_path, i), str(image_path), problem))
@@ -104,19 +104,6 @@ def load_folder(csv_path: str | os.PathLike, image_root: str | os.PathLike | Non
         return DataSet(records, spec=spec, name=csv_path.parent.name or "folder", skipped=skipped)
     except ValueError as e:
         raise DataError(f"image table {csv_path}: {e}") from None
-
-
-def _image_problem(path: Path, decode: bool) -> str | None:
-    if not path.exists():
-        return "does not exist"
-    if not path.is_file():
-        return "is not a file"
-    if decode:
-        try:
-            load_image(path)
-        except ImageReadError as e:
-            return f"is not readable ({e.reason})"
-    return None
 
 
 def _json_cell(value: str, path: Path, row: int, column: str, kind: type) -> Any:

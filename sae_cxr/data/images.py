@@ -2,13 +2,15 @@
 
 PNG and JPEG (8- or 16-bit, grayscale, RGB, RGBA, palette) go through Pillow; DICOM goes
 through pydicom with the modality LUT, the file's VOI windowing and MONOCHROME1 inversion, so
-a DICOM from RSNA and a PNG from NIH land in the same convention.
+a DICOM from RSNA and a PNG from NIH land in the same convention. Any failure to decode,
+whatever the library raised, becomes an ImageReadError that names the file.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +35,33 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
         raise ImageReadError(p, "file does not exist")
     if not p.is_file():
         raise ImageReadError(p, "not a regular file")
-    data = p.read_bytes()
+    try:
+        data = p.read_bytes()
+    except OSError as e:  # permissions, a file vanishing mid-run, I/O errors on network storage
+        raise ImageReadError(p, f"cannot read the file ({e.strerror or e})") from None
     return decode_image(data, name=str(p))
+
+
+def image_problem(path: str | os.PathLike, decode: bool = False) -> str | None:
+    """Why an image cannot be used ("does not exist", "is not readable (...)"), or None.
+
+    Adapters call this for every row: a stat by default (cheap on 377k files), a full decode
+    when asked, so bad files are found when the data set is opened rather than mid-training.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "does not exist"
+    except OSError as e:
+        return f"cannot be accessed ({e.strerror or e})"
+    if not stat.S_ISREG(st.st_mode):
+        return "is not a file"
+    if decode:
+        try:
+            load_image(path)
+        except ImageReadError as e:
+            return f"is not readable ({e.reason})"
+    return None
 
 
 def decode_image(data: bytes, name: str = "<bytes>") -> np.ndarray:
@@ -64,8 +91,10 @@ def _decode_pillow(data: bytes, name: str) -> np.ndarray:
         raise
     except UnidentifiedImageError:
         raise ImageReadError(name, "not a PNG, JPEG or DICOM image") from None
-    except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt files
-        raise ImageReadError(name, f"corrupt or truncated image ({e})") from None
+    except Image.DecompressionBombError as e:  # Pillow refuses very large images before we can
+        raise ImageReadError(name, f"image is too large to decode ({e})") from None
+    except Exception as e:  # corrupt bytes surface as OSError, SyntaxError, struct.error, EOFError, ...
+        raise ImageReadError(name, f"corrupt or truncated image ({type(e).__name__}: {e})") from None
     return _finish(arr, name)
 
 
@@ -82,6 +111,8 @@ def _pillow_to_gray(im) -> np.ndarray:
         arr = np.asarray(im, dtype=np.float32)
         lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
         return (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+    if mode == "P" and "transparency" in im.info:
+        mode = "PA"  # a palette with a transparent index composites like RGBA
     if mode in ("RGBA", "LA", "PA"):
         im = im.convert("RGBA" if mode != "LA" else "LA")
         arr = np.asarray(im, dtype=np.float32) / 255.0
@@ -116,53 +147,103 @@ def _integer_range(arr: np.ndarray) -> float:
 def _decode_dicom(data: bytes, name: str) -> np.ndarray:
     try:
         import pydicom
-        from pydicom.errors import InvalidDicomError
-        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+        from pydicom.pixels import apply_modality_lut
     except ImportError as e:  # pragma: no cover - pydicom is a dependency
         raise ImageReadError(name, f"pydicom is required to read DICOM ({e})") from None
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=True)
-    except (InvalidDicomError, OSError, EOFError, ValueError, KeyError) as e:
-        raise ImageReadError(name, f"corrupt DICOM header ({e})") from None
+    except Exception as e:  # force=True parses arbitrary bytes: struct, EOF, value and type errors all occur
+        raise ImageReadError(name, f"corrupt DICOM header ({type(e).__name__}: {e})") from None
     if "PixelData" not in ds:
         raise ImageReadError(name, "DICOM file has no pixel data")
-    rows, cols = int(getattr(ds, "Rows", 0)), int(getattr(ds, "Columns", 0))
+    try:
+        rows, cols = int(getattr(ds, "Rows", 0)), int(getattr(ds, "Columns", 0))
+    except (TypeError, ValueError):
+        raise ImageReadError(name, "DICOM Rows/Columns are not integers") from None
     if rows * cols > MAX_PIXELS:
         raise ImageReadError(name, f"image is {cols}x{rows}, above the limit of {MAX_PIXELS} pixels")
     try:
         raw = ds.pixel_array
     except Exception as e:  # pydicom raises many types for truncated or unsupported pixel data
         raise ImageReadError(name, f"cannot decode DICOM pixel data ({type(e).__name__}: {e})") from None
-    photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
+    photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).strip().upper()
     if raw.ndim == 3 and raw.shape[-1] in (3, 4) and not photometric.startswith("MONOCHROME"):
         arr = _luminance(raw[..., :3].astype(np.float32))
         lo, hi = float(arr.min()), float(arr.max())
         return _finish((arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr), name)
     if raw.ndim == 3:  # multi-frame: the first frame is the radiograph
         raw = raw[0]
-    arr = apply_modality_lut(raw, ds).astype(np.float64)
-    has_window = "WindowCenter" in ds and "WindowWidth" in ds or "VOILUTSequence" in ds
-    if has_window:
-        windowed = np.asarray(apply_voi_lut(arr, ds, index=0), dtype=np.float64)
-        lo, hi = _voi_range(ds, windowed)
-    else:
-        windowed = arr
-        lo, hi = float(arr.min()), float(arr.max())
-    out = np.clip((windowed - lo) / (hi - lo), 0.0, 1.0) if hi > lo else np.zeros_like(windowed)
+    try:
+        arr = np.asarray(apply_modality_lut(raw, ds), dtype=np.float64)
+        out = _apply_voi(arr, ds)
+    except ImageReadError:
+        raise
+    except Exception as e:  # malformed LUT or window attributes
+        raise ImageReadError(name, f"cannot apply the DICOM rescale/LUT ({type(e).__name__}: {e})") from None
     if photometric == "MONOCHROME1":  # high values are dark: invert into our convention
         out = 1.0 - out
     return _finish(out.astype(np.float32), name)
 
 
-def _voi_range(ds, windowed: np.ndarray) -> tuple[float, float]:
-    """Output range of the VOI transform: the window maps onto [y_min, y_max] of the stored bits."""
-    if "WindowCenter" in ds and "WindowWidth" in ds and "VOILUTSequence" not in ds:
-        bits = int(getattr(ds, "BitsStored", 16))
-        signed = int(getattr(ds, "PixelRepresentation", 0)) == 1
-        if signed:
-            return float(-(2 ** (bits - 1))), float(2 ** (bits - 1) - 1)
-        return 0.0, float(2 ** bits - 1)
-    return float(windowed.min()), float(windowed.max())
+def _apply_voi(arr: np.ndarray, ds) -> np.ndarray:
+    """The VOI transform (PS3.3 C.11.2) into [0, 1], applied to modality-LUT output.
+
+    We compute the window ourselves instead of rescaling pydicom's output: pydicom maps a
+    window onto the rescaled stored-value range, which depends on slope, intercept and bit
+    depth, and getting that range wrong silently clips or darkens the image. A VOI LUT
+    sequence is preferred over a window (as pydicom does); a window whose width is unusable is
+    ignored and the image's own range is used, because a bad display hint should not make a
+    readable radiograph unreadable.
+    """
+    if ds.get("VOILUTSequence"):
+        from pydicom.pixels import apply_voi
+
+        item = ds.VOILUTSequence[0]
+        n_entries = int(item.LUTDescriptor[0]) or 2 ** 16
+        first = int(item.LUTDescriptor[1])
+        table = np.asarray(apply_voi(np.arange(first, first + n_entries, dtype=np.int64), ds), dtype=np.float64)
+        mapped = np.asarray(apply_voi(np.rint(arr).astype(np.int64), ds), dtype=np.float64)
+        return _scale(mapped, float(table.min()), float(table.max()))
+    window = _window_of(ds)
+    if window is None:
+        return _scale(arr, float(arr.min()), float(arr.max()))
+    center, width, func = window
+    if func == "SIGMOID":
+        return 1.0 / (1.0 + np.exp(-4.0 * (arr - center) / width))
+    if func == "LINEAR_EXACT":
+        return np.clip((arr - center) / width + 0.5, 0.0, 1.0)
+    # LINEAR: PS3.3 C.11.2.1.2.1, with width 1 a threshold at center - 0.5
+    if width == 1.0:
+        return (arr > center - 0.5).astype(np.float64)
+    return np.clip((arr - (center - 0.5)) / (width - 1.0) + 0.5, 0.0, 1.0)
+
+
+def _window_of(ds) -> tuple[float, float, str] | None:
+    """(center, width, function) of the first window in the file, or None when absent or unusable."""
+    if "WindowCenter" not in ds or "WindowWidth" not in ds:
+        return None
+    try:
+        center = float(_first(ds.WindowCenter))
+        width = float(_first(ds.WindowWidth))
+    except (TypeError, ValueError, IndexError):
+        return None
+    func = str(getattr(ds, "VOILUTFunction", "") or "LINEAR").strip().upper()
+    if func not in ("LINEAR", "LINEAR_EXACT", "SIGMOID"):
+        func = "LINEAR"
+    min_width = 1.0 if func == "LINEAR" else 0.0
+    if not (np.isfinite(center) and np.isfinite(width)) or width < min_width or width == 0.0:
+        return None
+    return center, width, func
+
+
+def _first(value):
+    from pydicom.multival import MultiValue
+
+    return value[0] if isinstance(value, (MultiValue, list, tuple)) else value
+
+
+def _scale(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    return np.clip((arr - lo) / (hi - lo), 0.0, 1.0) if hi > lo else np.zeros_like(arr)
 
 
 def _finish(arr: np.ndarray, name: str) -> np.ndarray:
