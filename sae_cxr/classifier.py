@@ -45,6 +45,8 @@ class ClassifierConfig:
     max_epochs: int = 300
     patience: int = 20
     """Epochs without a better validation mean AUROC before stopping."""
+    min_delta: float = 1e-4
+    """Smallest rise of the validation mean AUROC that counts as better."""
     n_boot: int = 1000
     """Bootstrap resamples for the confidence intervals."""
     device: str = "auto"
@@ -131,7 +133,7 @@ def train_classifier(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray
             history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_mean_auroc": score})
             bar.set_postfix(loss=f"{np.mean(losses):.4f}", val_auroc=f"{score:.4f}")
             bar.update(1)
-            if score > best + 1e-5:
+            if score > best + cfg.min_delta:
                 best, best_state, since = score, copy.deepcopy(head.state_dict()), 0
             else:
                 since += 1

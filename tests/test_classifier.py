@@ -23,9 +23,9 @@ def _data(n: int, d: int = 16, seed: int = 0):
 def test_learns_separable_findings_and_stops_early():
     x, y = _data(600)
     xv, yv = _data(200, seed=1)
-    cfg = ClassifierConfig(hidden=32, max_epochs=200, patience=5, n_boot=50)
+    cfg = ClassifierConfig(hidden=32, lr=1e-2, max_epochs=100, patience=5, min_delta=1e-3, n_boot=50)
     head, history = train_classifier(x, y, xv, yv, cfg, progress=False)
-    assert len(history) < 200
+    assert len(history) < 100
     xt, yt = _data(300, seed=2)
     m = evaluate_head(head, xt, yt, n_boot=50)
     for f, v in m.items():
