@@ -423,7 +423,9 @@ def _create(source: ModelSource, require_weights: bool) -> torch.nn.Module:
         if require_weights:
             return open_clip.create_model_from_pretrained(source.open_clip_name, pretrained=source.pretrained,
                                                           return_transform=False, **kwargs)
-        return open_clip.create_model(source.open_clip_name, pretrained=source.pretrained, **kwargs)
+        # random init on purpose: no tower-default (timm/HF) weights either
+        return open_clip.create_model(source.open_clip_name, pretrained=source.pretrained, pretrained_text=False,
+                                      **kwargs)
     except Exception as e:  # the hub, a tag download, or a checkpoint that does not fit the config
         detail = f"{type(e).__name__}: {e}"
         if source.kind == "builtin" and source.checkpoint is None:
