@@ -16,7 +16,7 @@ import abc
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -105,6 +105,11 @@ class Backbone(abc.ABC):
         pixels, _ = self.preprocess(images)
         return self.encode_pixels(pixels, with_patches=with_patches)
 
+    def gradcam(self, pixels: torch.Tensor, target: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Grad-CAM [B, rows, cols] of `target` (normalised embedding [B, D] -> scores [B]) on the
+        backbone's last spatial feature map: relu(sum_c mean_grad_c * feature_c)."""
+        raise NotImplementedError(f"backbone {self.name} does not implement Grad-CAM")
+
     # -- text ------------------------------------------------------------------------------------
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
         """[B, D] L2-normalised text embeddings in the image embedding space."""
@@ -128,6 +133,18 @@ class Backbone(abc.ABC):
     def to(self, device: str | torch.device) -> "Backbone":
         self.device = torch.device(device)
         return self
+
+
+def gradcam_from(features: torch.Tensor, score: torch.Tensor, grid: tuple[int, int], prefix: int = 0
+                 ) -> torch.Tensor:
+    """Grad-CAM from spatial features [B, prefix + P, C] (part of the graph of `score` [B]): per image,
+    channel weights are the mean gradient over positions, the map is the ReLU of the weighted channel
+    sum. The first `prefix` tokens (CLS, registers) are not positions and are dropped."""
+    grads = torch.autograd.grad(score.sum(), features)[0][:, prefix:]
+    features = features[:, prefix:]
+    alpha = grads.mean(dim=1, keepdim=True)
+    cam = torch.relu((features * alpha).sum(-1))
+    return cam.detach().reshape(features.shape[0], *grid)
 
 
 def letterbox(img: torch.Tensor, size: int) -> tuple[torch.Tensor, Letterbox]:

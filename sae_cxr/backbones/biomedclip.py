@@ -620,6 +620,29 @@ class OpenClipBackbone(Backbone):
         patches = tokens.float() / norm.unsqueeze(1) if tokens is not None else None
         return ImageEncoding(embedding=raw / norm, patches=patches, grid=grid)
 
+    def gradcam(self, pixels: torch.Tensor, target) -> torch.Tensor:
+        """Grad-CAM on the patch tokens leaving the last transformer block (ViT towers only)."""
+        from sae_cxr.backbones.base import gradcam_from
+
+        v = self.model.visual
+        if self.patch_method == "timm-vit":
+            block, prefix = v.trunk.blocks[-1], v.trunk.num_prefix_tokens
+        elif self.patch_method == "open_clip-vit":
+            block, prefix = v.transformer.resblocks[-1], getattr(v, "num_prefix_tokens", 1)
+        else:
+            raise NotImplementedError(f"backbone {self.name}: Grad-CAM needs a ViT vision tower")
+        captured: dict[str, torch.Tensor] = {}
+        handle = block.register_forward_hook(lambda m, i, o: captured.__setitem__("tokens", o))
+        try:
+            with torch.enable_grad():
+                raw = self.model.encode_image(pixels.to(self.device, torch.float32)).float()
+                emb = raw / raw.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+                tokens = captured["tokens"]
+                tokens = tokens if tokens.shape[1] != pixels.shape[0] else tokens.transpose(0, 1)
+                return gradcam_from(tokens, target(emb), self.grid, prefix=prefix)
+        finally:
+            handle.remove()
+
     @property
     def grid(self) -> tuple[int, int]:
         """The patch grid at `image_size` ((14, 14) for BiomedCLIP at 224 px); (0, 0) if there are no patches."""

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sae_cxr.backbones.base import Backbone, ImageEncoding, state_dict_sha256
+from sae_cxr.backbones.base import Backbone, ImageEncoding, gradcam_from, state_dict_sha256
 
 ASSET_DIR = "phantom_clip"
 CONFIG_FILE = "config.json"
@@ -203,6 +203,18 @@ class PhantomClipBackbone(Backbone):
         emb, patches = self.model.encode_image(gray)
         g = self.model.image.grid
         return ImageEncoding(embedding=emb.float(), patches=patches.float() if with_patches else None, grid=(g, g))
+
+    def gradcam(self, pixels: torch.Tensor, target) -> torch.Tensor:
+        """Grad-CAM on the last conv stage (8x8 at 128 px), before the attention block mixes positions."""
+        gray = pixels[:, :1].to(self.device, torch.float32)
+        tower = self.model.image
+        with torch.enable_grad():
+            f = tower.convs(gray.contiguous(memory_format=torch.channels_last))
+            feats = f.flatten(2).transpose(1, 2)  # [B, P, C]
+            tokens = tower.proj(tower.norm(tower.block(feats + tower.pos)))
+            pooled = tokens.mean(1)
+            emb = pooled / pooled.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+            return gradcam_from(feats, target(emb), (tower.grid, tower.grid))
 
     @torch.inference_mode()
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
