@@ -10,7 +10,7 @@ plain words (WeNLEX's point: the audience changes the words, never the evidence)
 `rewrite` asks a language model to make that text more fluent, and ACCEPTS the reply only when a
 term-level guard finds nothing in it that the attribution does not contain: no new finding, no
 new device/anatomy/vocabulary term, no new side, no new pattern id, no number the deterministic
-text does not state, no changed verbal probability, no dropped caveat. Otherwise the
+text does not state, no negated finding, no changed verbal probability, no dropped caveat. Otherwise the
 deterministic text stands and the rejection is logged with its reason.
 
 The verbal probability scale (`VERBAL_SCALE`) uses the expressions clinicians read most
@@ -265,11 +265,23 @@ class Terms:
     numbers: list[float] = field(default_factory=list)
     bands: set[str] = field(default_factory=set)
     quoted: list[str] = field(default_factory=list)
+    negated: set[str] = field(default_factory=set)
+    """Findings named within three words after a negation cue ("no pleural effusion", "not ... edema")."""
 
 
-def _norm(text: str) -> str:
-    """Lowercase, every run of non-alphanumerics to one space, padded: the form phrases match in."""
-    return " " + re.sub(r"[^a-z0-9]+", " ", text.lower()).strip() + " "
+def _norm(text: str, stops: bool = False) -> str:
+    """Lowercase, every run of non-alphanumerics to one space, padded: the form phrases match in.
+    With `stops`, sentence punctuation becomes a "|" token, so word windows end at a sentence."""
+    s = text.lower()
+    if stops:
+        s = re.sub(r"[.;:!?](?=\s|$)", " | ", s)
+    return " " + re.sub(r"[^a-z0-9|]+", " ", s).strip() + " "
+
+
+def _words_between(n: str, a: int, b: int) -> int | None:
+    """Words between two offsets of a normalised text; None when a sentence stop lies between."""
+    gap = n[a:b]
+    return None if "|" in gap else len(gap.split())
 
 
 def _alternation(phrases: Iterable[str]) -> re.Pattern[str]:
@@ -282,6 +294,10 @@ def _alternation(phrases: Iterable[str]) -> re.Pattern[str]:
 _ID = r"(?:#\s*)?\d+(?!\d|\.\d|\s*%)"  # an id, not the start of a percentage or a decimal
 _PATTERN_IDS = re.compile(rf"\bpatterns?\s+({_ID}(?:\s*(?:,|and|&|or)\s*{_ID})*)|#(\d+)", re.IGNORECASE)
 _NUMBER = re.compile(r"(?<![\w.])[-+]?(\d+(?:\.\d+)?|\.\d+)(\s*%)?")
+# "not evidence of X" (the shortcut caveat) is about the evidence, not X, so "not" before "evidence" is no cue.
+_NEGATION = re.compile(r"(?<![a-z0-9])(no|not(?! evidence)|without|absence of|free of|negative for|rules? out|"
+                       r"ruled out|excludes?|excluded)(?![a-z0-9])")
+_NEGATION_AFTER = re.compile(r"^\s*(?:\w+\s+)?(is |are )?(absent|not present|not seen|excluded|ruled out)(?![a-z0-9])")
 _QUOTED = re.compile(r"[\"\u201c]([^\"\u201d]{1,120})[\"\u201d]")
 
 
@@ -328,14 +344,19 @@ class TermExtractor:
 
     def extract(self, text: str) -> Terms:
         out = Terms()
-        n = _norm(text)
+        n = _norm(text, stops=True)
         anchors: list[tuple[int, int, str]] = []  # (start, 0 for a term / 1 for anatomy, key)
+        negations = [m.end() for m in _NEGATION.finditer(n)]
         for m in self._terms_re.finditer(n):
             ti = self._info[m.group(1)]
             out.terms.setdefault(ti.key, m.group(1))
             anchors.append((m.start(), 0, ti.key))
             if ti.finding:
                 out.findings.add(ti.finding)
+                before = any(end <= m.start() and (w := _words_between(n, end, m.start())) is not None and w <= 3
+                             for end in negations)
+                if before or _NEGATION_AFTER.match(n[m.end():]):
+                    out.negated.add(ti.finding)
         for m in self._anatomy_re.finditer(n):
             out.anatomy.add(_ANATOMY[m.group(1)])
             anchors.append((m.start(), 1, _ANATOMY[m.group(1)]))
@@ -343,11 +364,9 @@ class TermExtractor:
         for m in self._sides_re.finditer(n):
             side = _SIDES[m.group(1)]
             out.sides.add(side)
-            window_end = m.end()
-            for _ in range(3):  # three words on
-                nxt = n.find(" ", window_end + 1)
-                window_end = nxt if nxt != -1 else len(n)
-            target = next((key for start, _, key in anchors if m.end() <= start < window_end), None)
+            target = next((key for start, _, key in anchors
+                           if start >= m.end() and (w := _words_between(n, m.end(), start)) is not None and w <= 3),
+                          None)
             if target is not None:
                 out.sided.add((side, target))
         out.bands = {_BAND_SYNONYMS[m.group(1)] for m in self._bands_re.finditer(n)}
@@ -486,7 +505,7 @@ def lay_name(p: PatternEvidence, extractor: TermExtractor | None = None, with_si
 
 def clinician_name(p: PatternEvidence) -> str:
     if is_unnamed(p):
-        return f"pattern {p.pattern_id} (unnamed)"
+        return f"pattern {p.pattern_id} (unnamed{', ' + p.category if p.category else ''})"
     cat = f", {p.category}" if p.category else ""
     return f"\"{p.label.strip()}\" (pattern {p.pattern_id}{cat})"  # type: ignore[union-attr]
 
@@ -747,6 +766,9 @@ def check_rewrite(candidate: str, explanation: Explanation, decomp: Decompositio
     for v in new.numbers:
         if not any(abs(v - w) <= max(cfg.number_tolerance, 0.02 * abs(w)) for w in old.numbers):
             return False, f"states a number the explanation does not: {v:g}"
+    negated = sorted(new.negated - old.negated - ctx.negated, key=FINDINGS.index)
+    if negated:
+        return False, f"negates a finding the explanation does not: {', '.join(negated)}"
     changed = sorted(new.bands - old.bands)
     if changed:
         return False, f"changes the verbal probability to: {', '.join(changed)}"

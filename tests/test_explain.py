@@ -189,6 +189,7 @@ def test_lay_location_and_extractor_synonyms():
     t = default_extractor().extract("Pacing leads and fluid around the lungs; pattern 12 and 40; 41% (p = 0.82).")
     assert "pacemaker" in t.terms and t.findings == {"Pleural Effusion"}
     assert t.pattern_ids == {12, 40} and t.numbers == pytest.approx([0.41, 0.82])
+    assert default_extractor().extract("No pleural effusion. Edema is likely.").negated == {"Pleural Effusion"}
 
 
 def test_explanations_save_and_load(tmp_path):
@@ -245,6 +246,8 @@ def test_rewrite_accepts_a_faithful_rewrite():
     (lambda t: t.replace("pattern 1812", "pattern 1813"), "mentions pattern id(s) not cited: 1813"),
     (lambda t: t.replace("Cardiomegaly is likely", "Cardiomegaly is very likely"), "changes the verbal probability"),
     (lambda t: t.split(" Shortcut warning")[0], "drops the shortcut warning"),
+    (lambda t: t.replace("Cardiomegaly is likely", "There is no cardiomegaly"),
+     "negates a finding the explanation does not: Cardiomegaly"),
     (lambda t: t + " The heart border abuts the aorta.", "adds anatomy not in the attribution: aorta"),
 ])
 def test_rewrite_guard_rejects_unfaithful_rewrites(edit, reason, caplog):
