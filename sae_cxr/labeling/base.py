@@ -59,7 +59,8 @@ class PatternLabel:
                 raise ValueError(f"{where}: verification must be a balanced accuracy in [0, 1] or None, got {v!r}")
             object.__setattr__(self, "verification", float(v))
         if not isinstance(self.labeler, str) or not self.labeler:
-            raise ValueError(f"{where}: labeler must name the labeler (one of {', '.join(LABELERS)}), got {self.labeler!r}")
+            raise ValueError(f"{where}: labeler must name the labeler (one of {', '.join(LABELERS)}), "
+                             f"got {self.labeler!r}")
         if not isinstance(self.label, str) or not self.label.strip():
             raise ValueError(f"{where}: label must be a non-empty string, got {self.label!r}")
         if isinstance(self.pattern_id, (np.integer,)):
@@ -96,7 +97,8 @@ class PatternLabel:
             raise ValueError(f"labels.jsonl line lacks key(s) {missing}")
         return cls(**obj)
 
-    def with_verification(self, score: float, threshold: float, details: dict[str, Any] | None = None) -> "PatternLabel":
+    def with_verification(self, score: float, threshold: float,
+                          details: dict[str, Any] | None = None) -> "PatternLabel":
         """A copy carrying a judge's balanced accuracy, flagged when it falls below `threshold`."""
         evidence = dict(self.evidence)
         if details is not None:

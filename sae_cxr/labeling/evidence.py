@@ -47,6 +47,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
+from scipy import sparse
 from scipy.stats import hypergeom
 
 from sae_cxr.findings import CATEGORIES, CONCEPTS, FINDING_CATEGORY, FINDINGS, VocabPhrase
@@ -165,34 +166,44 @@ class Term:
 
 @dataclass
 class EvidenceTable:
-    """The candidate terms of a set of records as a boolean matrix, built once for many patterns.
+    """The candidate terms of a set of records as a sparse boolean matrix, built once for many patterns.
 
-    `present[i, t]` says record i has term t; `known[i, t]` says term t is known for record i
-    (False only for a finding whose label is missing); None means everything is known.
+    `present[i, t]` says record i has term t (scipy CSR; report terms are sparse, and MIMIC-CXR has
+    377k reports). `unknown` maps a term column to the rows where it is unknown (a finding whose
+    label is missing); those rows are left out of that term's 2x2 tables.
     """
 
     ids: list[str]
     terms: list[Term]
-    present: np.ndarray  # [N, T] bool
-    known: np.ndarray | None = None  # [N, T] bool
+    present: Any  # scipy.sparse matrix or dense array [N, T], boolean
+    unknown: dict[int, np.ndarray] = field(default_factory=dict)
     has_concepts: bool = False
-    _col_present: np.ndarray = field(init=False, repr=False)
-    _col_known: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.present = np.asarray(self.present, dtype=bool)
-        if self.present.ndim != 2 or self.present.shape != (len(self.ids), len(self.terms)):
-            raise ValueError(f"present must be [n_records={len(self.ids)}, n_terms={len(self.terms)}], "
-                             f"got {self.present.shape}")
-        if self.known is not None:
-            self.known = np.asarray(self.known, dtype=bool)
-            if self.known.shape != self.present.shape:
-                raise ValueError(f"known has shape {self.known.shape}, expected {self.present.shape}")
-            self.present &= self.known
-        self._col_present = self.present.sum(0).astype(np.int64)
-        self._col_known = (self.known.sum(0) if self.known is not None
-                           else np.full(len(self.terms), len(self.ids))).astype(np.int64)
-        self._index = {t.key: j for j, t in enumerate(self.terms)}
+        n, t = len(self.ids), len(self.terms)
+        self.present = sparse.csr_matrix(self.present, dtype=bool)
+        if self.present.shape != (n, t):
+            raise ValueError(f"present must be [n_records={n}, n_terms={t}], got {self.present.shape}")
+        for j, mask in list(self.unknown.items()):
+            mask = np.asarray(mask, dtype=bool)
+            if mask.shape != (n,) or not 0 <= j < t:
+                raise ValueError(f"unknown[{j}] must be a boolean mask over the {n} records of a term column")
+            self.unknown[j] = mask
+        if self.unknown:  # an unknown label is never a present term
+            coo = self.present.tocoo()
+            drop = np.zeros(coo.nnz, dtype=bool)
+            for j, mask in self.unknown.items():
+                sel = coo.col == j
+                drop[sel] = mask[coo.row[sel]]
+            if drop.any():
+                self.present = sparse.csr_matrix((coo.data[~drop], (coo.row[~drop], coo.col[~drop])),
+                                                 shape=coo.shape, dtype=bool)
+        self._csc = self.present.tocsc()
+        self._col_present = np.asarray(self.present.sum(0), dtype=np.int64).ravel()
+        self._col_known = np.full(t, n, dtype=np.int64)
+        for j, mask in self.unknown.items():
+            self._col_known[j] -= int(mask.sum())
+        self._index = {term.key: j for j, term in enumerate(self.terms)}
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -202,6 +213,23 @@ class EvidenceTable:
             return self._index[key]
         except KeyError:
             raise KeyError(f"no term {key!r} in the evidence table") from None
+
+    def values(self, j: int) -> np.ndarray:
+        """Dense [N] bool: which records have term column j."""
+        return self._csc[:, j].toarray().ravel()
+
+    def known(self, j: int) -> np.ndarray:
+        """Dense [N] bool: for which records term column j is known."""
+        mask = self.unknown.get(j)
+        return np.ones(len(self.ids), dtype=bool) if mask is None else ~mask
+
+    def top_counts(self, top_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(term hits among the given rows, rows with the term known) per term column."""
+        a = np.asarray(self.present[top_idx].sum(0), dtype=np.int64).ravel()
+        n1 = np.full(len(self.terms), len(top_idx), dtype=np.int64)
+        for j, mask in self.unknown.items():
+            n1[j] -= int(mask[top_idx].sum())
+        return a, n1
 
     @classmethod
     def from_frame(cls, frame: pd.DataFrame, config: EvidenceConfig | None = None,
@@ -218,8 +246,8 @@ class EvidenceTable:
         ids = [str(x) for x in frame["id"]] if "id" in frame.columns else [str(i) for i in range(n)]
         index = VocabularyIndex(vocabulary)
         terms: list[Term] = []
-        cols: list[np.ndarray] = []
-        knowns: list[np.ndarray] = []
+        blocks: list[Any] = []
+        unknown: dict[int, np.ndarray] = {}
         has_concepts = False
 
         if cfg.use_findings:
@@ -232,49 +260,59 @@ class EvidenceTable:
                     raise ValueError(f"finding column {f!r} must hold 1, 0 or NaN; got e.g. {v[bad][:3].tolist()}")
                 concept = finding_concept(f)
                 display = CONCEPTS[concept].phrase if concept else f.lower()
+                if np.isnan(v).any():
+                    unknown[len(terms)] = np.isnan(v)
                 terms.append(Term(f"finding:{f}", "finding", f, TermMeaning(display, FINDING_CATEGORY[f], concept)))
-                cols.append(v == 1)
-                knowns.append(~np.isnan(v))
+                blocks.append(sparse.csr_matrix((v == 1)[:, None]))
 
         if cfg.use_concepts and "concepts" in frame.columns:
             lists = [_as_list(x, "concepts", i) for i, x in enumerate(frame["concepts"])]
             names = sorted({c for lst in lists for c in lst})
             has_concepts = bool(names)
+            col = {c: j for j, c in enumerate(names)}
+            rows = [i for i, lst in enumerate(lists) for c in set(lst)]
+            cols = [col[c] for lst in lists for c in set(lst)]
+            if names:
+                blocks.append(sparse.csr_matrix((np.ones(len(rows), dtype=bool), (rows, cols)), shape=(n, len(names))))
             for c in names:
                 if c in CONCEPTS:
                     meaning = TermMeaning(CONCEPTS[c].phrase, CONCEPTS[c].category, c)
                 else:
                     meaning = index.meaning(c.replace("_", " "))
                 terms.append(Term(f"concept:{c}", "concept", c, meaning))
-                cols.append(np.array([c in lst for lst in lists], dtype=bool))
-                knowns.append(np.ones(n, dtype=bool))
 
         if cfg.use_reports and "report" in frame.columns:
-            per_record = [extract_terms(str(r) if isinstance(r, str) else "", cfg.report_max_n)
-                          for r in frame["report"]]
-            df: dict[str, int] = {}
-            for ts in per_record:
-                for t in ts:
-                    df[t] = df.get(t, 0) + 1
-            kept = sorted((t for t, k in df.items() if k >= cfg.min_term_images), key=lambda t: (-df[t], t))
-            kept = sorted(kept[: cfg.max_report_terms])
+            # Terms get integer ids as they are met; per-record id arrays keep memory linear in the corpus.
+            term_id: dict[str, int] = {}
+            per_record: list[np.ndarray] = []
+            for r in frame["report"]:
+                ts = extract_terms(r if isinstance(r, str) else "", cfg.report_max_n)
+                per_record.append(np.fromiter((term_id.setdefault(t, len(term_id)) for t in ts), dtype=np.int64,
+                                              count=len(ts)))
+            flat = np.concatenate(per_record) if per_record else np.zeros(0, dtype=np.int64)
+            df = np.bincount(flat, minlength=len(term_id))
+            names_by_id = np.empty(len(term_id), dtype=object)
+            for t, k in term_id.items():
+                names_by_id[k] = t
+            frequent = [k for k in np.flatnonzero(df >= cfg.min_term_images)]
+            frequent.sort(key=lambda k: (-df[k], names_by_id[k]))
+            kept = sorted(frequent[: cfg.max_report_terms], key=lambda k: names_by_id[k])
             if kept:
-                pos = {t: j for j, t in enumerate(kept)}
-                mat = np.zeros((n, len(kept)), dtype=bool)
-                for i, ts in enumerate(per_record):
-                    js = [pos[t] for t in ts if t in pos]
-                    mat[i, js] = True
-                for j, t in enumerate(kept):
+                remap = np.full(len(term_id), -1, dtype=np.int64)
+                remap[kept] = np.arange(len(kept))
+                rows = np.repeat(np.arange(n), [len(x) for x in per_record])
+                cols = remap[flat]
+                ok = cols >= 0
+                blocks.append(sparse.csr_matrix((np.ones(int(ok.sum()), dtype=bool), (rows[ok], cols[ok])),
+                                                shape=(n, len(kept))))
+                for k in kept:
+                    t = names_by_id[k]
                     terms.append(Term(f"report:{t}", "report", t, index.meaning(t)))
-                cols.extend(mat.T)
-                knowns.extend(np.ones((len(kept), n), dtype=bool))
 
         if not terms:
             raise ValueError("the records table has no usable term columns: expected some of the finding columns "
                              f"({', '.join(FINDINGS)}), 'concepts' or 'report' (as in records.parquet)")
-        present = np.stack(cols, axis=1)
-        known = np.stack(knowns, axis=1)
-        return cls(ids=ids, terms=terms, present=present, known=None if known.all() else known,
+        return cls(ids=ids, terms=terms, present=sparse.hstack(blocks, format="csr"), unknown=unknown,
                    has_concepts=has_concepts)
 
     @classmethod
@@ -350,8 +388,7 @@ class EvidenceLabeler:
         return top, n_fire
 
     def _stats(self, t: EvidenceTable, top: np.ndarray) -> _Stats:
-        a = t.present[top].sum(0).astype(np.int64)
-        n1 = t.known[top].sum(0).astype(np.int64) if t.known is not None else np.full(len(t.terms), int(top.sum()))
+        a, n1 = t.top_counts(np.flatnonzero(top))
         b = n1 - a
         c = t._col_present - a
         d = (t._col_known - n1) - c
@@ -363,21 +400,24 @@ class EvidenceLabeler:
         score = precision * np.log(odds)
         return _Stats(a, b, c, d, odds, p, q, precision, recall, score)
 
-    def _conditional_p(self, t: EvidenceTable, top: np.ndarray, x: int, y: int) -> tuple[int, float]:
-        """(top images with X and without Y, one-sided Fisher p of X among the images without Y)."""
-        rows = ~t.present[:, y]
-        if t.known is not None:
-            rows &= t.known[:, x] & t.known[:, y]
-        has_x = t.present[rows, x]
-        in_top = top[rows]
+    def _conditional_p(self, cols: dict[int, tuple[np.ndarray, np.ndarray]], top: np.ndarray, x: int,
+                       y: int) -> tuple[int, float]:
+        """(top images with X and without Y, one-sided Fisher p of X among the images without Y).
+
+        `cols[j]` holds term j's (values, known) as dense masks.
+        """
+        (vx, kx), (vy, ky) = cols[x], cols[y]
+        rows = ~vy & kx & ky
+        has_x, in_top = vx[rows], top[rows]
         a = int((has_x & in_top).sum())
         b = int((~has_x & in_top).sum())
         c = int((has_x & ~in_top).sum())
         d = int((~has_x & ~in_top).sum())
         return a, float(fisher_greater(a, b, c, d))
 
-    def _survives(self, t: EvidenceTable, top: np.ndarray, x: int, y: int) -> bool:
-        a, p = self._conditional_p(t, top, x, y)
+    def _survives(self, cols: dict[int, tuple[np.ndarray, np.ndarray]], top: np.ndarray, x: int, y: int) -> bool:
+        """Is X still enriched in the top set among the images without Y?"""
+        a, p = self._conditional_p(cols, top, x, y)
         return a >= self.config.min_conditional_hits and p <= self.config.alpha_conditional
 
     def label(self, pattern_id: int | str, activations: Any, table: "EvidenceTable | pd.DataFrame") -> PatternLabel:
@@ -411,9 +451,10 @@ class EvidenceLabeler:
 
         explained: list[dict[str, Any]] = []
         winner = None
+        cols = {j: (t.values(j), t.known(j)) for j in candidates}
         for x in candidates:
-            by = next((y for y in candidates if y != x and not self._survives(t, top, x, y)
-                       and self._survives(t, top, y, x)), None)
+            by = next((y for y in candidates if y != x and not self._survives(cols, top, x, y)
+                       and self._survives(cols, top, y, x)), None)
             if by is None:
                 if winner is None:
                     winner = x

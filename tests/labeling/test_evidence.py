@@ -142,7 +142,8 @@ def test_negated_report_mentions_do_not_name_a_pattern(labeler) -> None:
     assert lab.label == "pacemaker" and lab.category == "device" and lab.evidence["kind"] == "report"
     table = EvidenceTable.from_frame(df)
     j = table.column("report:pleural effusion")
-    assert table.present[:40, j].sum() == 0 and table.present[180:, j].all()
+    mentioned = table.values(j)
+    assert mentioned[:40].sum() == 0 and mentioned[180:].all()
     # and an affirmed mention does name the pattern, from report text alone
     lab = labeler.label("pos", np.r_[np.zeros(180), np.linspace(1, 2, 20)], df)
     assert lab.evidence["concept"] == "pleural_effusion" and lab.category == "pleural"
@@ -241,6 +242,7 @@ def test_records_round_trip_into_an_evidence_table() -> None:
                    report="Pacemaker in place.") for i in range(4)]
     table = EvidenceTable.from_records(recs)
     assert table.has_concepts and table.ids == ["x0", "x1", "x2", "x3"]
-    assert table.present[:, table.column("concept:pacemaker")].all()
-    assert not table.known[:, table.column(f"finding:{FINDINGS[0]}")].any()
+    assert table.values(table.column("concept:pacemaker")).all()
+    assert not table.known(table.column(f"finding:{FINDINGS[0]}")).any()
+    assert not table.values(table.column(f"finding:{FINDINGS[0]}")).any()
     assert json.loads(pd.DataFrame([recs[0].to_row()])["concepts"][0]) == ["pacemaker"]

@@ -45,7 +45,8 @@ def test_picks_the_planted_phrase_and_category(world, concept) -> None:
 def test_difference_of_means_beats_the_raw_centroid() -> None:
     """A generic phrase sits on the component every radiograph shares: the raw centroid picks it."""
     space = PlantedSpace(seed=4)
-    vocab = [VocabPhrase("pacemaker", "device", "pacemaker"), VocabPhrase("pleural effusion", "pleural", "pleural_effusion"),
+    vocab = [VocabPhrase("pacemaker", "device", "pacemaker"),
+             VocabPhrase("pleural effusion", "pleural", "pleural_effusion"),
              VocabPhrase("normal chest radiograph", "structural", None)]
     space.add_vocabulary(vocab[:2])
     space.set("normal chest radiograph", space.common)
