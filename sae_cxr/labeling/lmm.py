@@ -18,10 +18,17 @@ import json
 import math
 import re
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence, TypeVar
 
 from sae_cxr.findings import CATEGORIES
+from sae_cxr.labeling.base import (  # noqa: F401  (re-exported: lmm's public API predates base.py)
+    JudgeVote,
+    PatternLabel,
+    Verification,
+    balanced_accuracy,
+    verification_from_votes,
+)
 from sae_cxr.labeling.llm_client import ChatBackend, Message, image_part, text_part
 
 T = TypeVar("T")
@@ -62,41 +69,6 @@ class LMMReplyError(ValueError):
     """The model gave no usable reply within the allowed re-asks."""
 
 
-@dataclass(frozen=True)
-class PatternLabel:
-    """A pattern's human-readable name, as one labeler proposes it."""
-
-    label: str
-    description: str
-    category: str  # one of sae_cxr.findings.CATEGORIES
-    confidence: float  # the labeler's own confidence in [0, 1]
-    labeler: str = "lmm"
-    raw: str = ""  # the reply the label was parsed from, kept for audit
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class JudgeVote:
-    """Whether a label applies to one image, with the model's confidence."""
-
-    applies: bool
-    confidence: float
-    raw: str = ""
-
-
-@dataclass(frozen=True)
-class Verification:
-    """How well a label separates held-out activating from non-activating images."""
-
-    balanced_accuracy: float
-    true_positive_rate: float  # yes-rate on activating images (CXR-LanIC's sole criterion)
-    true_negative_rate: float  # no-rate on non-activating images
-    votes_pos: tuple[JudgeVote, ...] = field(repr=False)
-    votes_neg: tuple[JudgeVote, ...] = field(repr=False)
-
-
 @dataclass
 class LMMConfig:
     """How the labeler talks to the model."""
@@ -109,25 +81,6 @@ class LMMConfig:
     """Report snippets shown with a montage (the first ones given)."""
     max_report_chars: int = 300
     """Each snippet is cut to this length, to keep prompts short."""
-
-
-def balanced_accuracy(votes_pos: Sequence[JudgeVote | bool], votes_neg: Sequence[JudgeVote | bool]) -> float:
-    """Mean of the yes-rate on activating images and the no-rate on non-activating ones.
-
-    Both sides are needed: a label that says yes to everything scores 0.5, not 1.0.
-    """
-    return _rates(votes_pos, votes_neg)[0]
-
-
-def _rates(votes_pos: Sequence[JudgeVote | bool], votes_neg: Sequence[JudgeVote | bool]) -> tuple[float, float, float]:
-    if not votes_pos or not votes_neg:
-        raise ValueError(f"balanced accuracy needs votes on both activating ({len(votes_pos)}) and "
-                         f"non-activating ({len(votes_neg)}) images")
-    yes = [v.applies if isinstance(v, JudgeVote) else bool(v) for v in votes_pos]
-    no = [not (v.applies if isinstance(v, JudgeVote) else bool(v)) for v in votes_neg]
-    tpr = sum(yes) / len(yes)
-    tnr = sum(no) / len(no)
-    return (tpr + tnr) / 2, tpr, tnr
 
 
 def parse_json_object(text: str) -> dict[str, Any]:
@@ -244,7 +197,8 @@ class LMMLabeler:
             messages = self.describe_messages(montage_png, reports, context)
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
-        return self._ask(messages, parse_pattern_label, DESCRIBE_SCHEMA, where)
+        label = self._ask(messages, parse_pattern_label, DESCRIBE_SCHEMA, where)
+        return replace(label, pattern_id=context.get("pattern_id"))
 
     def judge_messages(self, image_png: bytes, label: str, description: str) -> list[Message]:
         return [{"role": "system", "content": JUDGE_SYSTEM},
@@ -265,10 +219,7 @@ class LMMLabeler:
         images = list(activating_png) + list(non_activating_png)
         with ThreadPoolExecutor(max_workers=max(1, self.backend.concurrency), thread_name_prefix="judge") as pool:
             votes = list(pool.map(lambda png: self.judge(png, label, description), images))
-        pos, neg = tuple(votes[: len(activating_png)]), tuple(votes[len(activating_png):])
-        ba, tpr, tnr = _rates(pos, neg)
-        return Verification(balanced_accuracy=ba, true_positive_rate=tpr, true_negative_rate=tnr,
-                            votes_pos=pos, votes_neg=neg)
+        return verification_from_votes(votes[: len(activating_png)], votes[len(activating_png):], judge="lmm")
 
     def _ask(self, messages: list[Message], parse: Callable[[str], T], schema: str, where: str) -> T:
         """Chat, parse strictly, and re-ask with the reason on a bad reply, at most max_reasks times."""
