@@ -360,5 +360,76 @@ def load_predictions(run: RunDir) -> tuple[pd.DataFrame, pd.DataFrame]:
     return pd.read_parquet(run.verify(PREDICTIONS)), pd.read_parquet(run.verify(CONTRIBUTIONS))
 
 
+class DecompositionReader:
+    """Builds `Decomposition` objects from the run's attribution tables, labels and patch tokens.
+
+    Locations come from the spatial map peaks of the top `located` patterns of each prediction,
+    for images whose patch tokens were stored (the evaluation splits by default).
+    """
+
+    def __init__(self, run: RunDir, located: int = 5):
+        from sae_cxr.extract import EmbeddingStore
+        from sae_cxr.labeling.stage import load_labels
+        from sae_cxr.patterns import load_patterns
+        from sae_cxr.transcoders.stage import load_ensemble
+
+        self.run = run
+        self.preds, contrib = load_predictions(run)
+        self.by_key = {k: g for k, g in contrib.groupby(["record_id", "finding"], sort=False)}
+        self.pred_index = {(r.record_id, r.finding): i for i, r in enumerate(self.preds.itertuples())}
+        self.labels = load_labels(run)
+        table, _ = load_patterns(run)
+        self.members = {int(p): [tuple(x) for x in json.loads(m)] for p, m in zip(table["pattern_id"], table["members"])}
+        self.store = EmbeddingStore(run)
+        self.has_patches = set(int(r) for r in self.store.patch_rows())
+        ens = load_ensemble(run)
+        self.W_enc = ens.W_enc.detach().cpu().numpy()
+        self.E = ens.cfg.n_members
+        self.located = located
+        self._loc_cache: dict[tuple[int, int], str | None] = {}
+
+    def location(self, row: int, pattern_id: int) -> str | None:
+        from sae_cxr.maps import pattern_patch_maps, peak_location
+
+        key = (row, pattern_id)
+        if key not in self._loc_cache:
+            if row not in self.has_patches or self.store.grid is None:
+                self._loc_cache[key] = None
+            else:
+                patches = self.store.patches([row])
+                m = pattern_patch_maps(self.W_enc, self.members[pattern_id], patches, self.E)[0]
+                self._loc_cache[key] = peak_location(m.reshape(self.store.grid))
+        return self._loc_cache[key]
+
+    def get(self, record_id: str, finding: str):
+        from sae_cxr.attribution_types import Decomposition, PatternEvidence
+
+        i = self.pred_index.get((record_id, finding))
+        if i is None:
+            raise KeyError(f"no attribution for image {record_id!r} and finding {finding!r}; "
+                           "attribute its split first (sae-cxr attribute --split ...)")
+        p = self.preds.iloc[i]
+        rows = self.by_key.get((record_id, finding))
+        patterns = []
+        if rows is not None:
+            total = float(np.abs(rows["contribution"]).sum() / max(float(p["coverage"]), 1e-12))
+            for rank, r in enumerate(rows.sort_values("rank").itertuples()):
+                lab = self.labels.get(int(r.pattern_id))
+                patterns.append(PatternEvidence(
+                    pattern_id=int(r.pattern_id), contribution=float(r.contribution), activation=float(r.activation),
+                    label=None if lab is None or lab.unresolved else lab.label,
+                    category=None if lab is None else lab.category,
+                    description=None if lab is None else lab.description,
+                    verification=None if lab is None else lab.verification,
+                    flagged=False if lab is None else bool(lab.flagged),
+                    location=self.location(int(p["row"]), int(r.pattern_id)) if rank < self.located else None,
+                    share=min(1.0, abs(float(r.contribution)) / total) if total > 0 else 0.0))
+        return Decomposition(record_id=record_id, finding=finding, logit=float(p["logit"]),
+                             probability=float(p["probability"]), label=float(p["label"]), patterns=patterns,
+                             unassigned=float(p["unassigned"]), skip=float(p["skip"]), bias=float(p["bias"]),
+                             error=float(p["error"]), n_active_patterns=int(p["n_active_patterns"]),
+                             coverage=float(p["coverage"]))
+
+
 def config_dict(cfg: AttributionConfig) -> dict[str, Any]:
     return asdict(cfg)

@@ -23,6 +23,7 @@ before reading them as frequencies.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -31,6 +32,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
+
+import pandas as pd
 
 from sae_cxr.attribution_types import Decomposition, PatternEvidence
 from sae_cxr.findings import CONCEPTS, FINDINGS, NUISANCE_CATEGORIES, radiology_vocabulary
@@ -830,3 +833,107 @@ def rewrite(explanation: Explanation, decomp: Decomposition, backend: ChatBacken
         log.info("rewrite %s/%s rejected: %s", decomp.record_id, decomp.finding, reason)
         return RewriteResult(explanation.text, False, reason, candidate)
     return RewriteResult(candidate, True, "", candidate)
+
+
+# ----------------------------------------------------------------------------------------------
+# The explain stage
+# ----------------------------------------------------------------------------------------------
+EXPL_DIR = "explanations"
+EXPLANATIONS = "explanations/explanations.jsonl"
+NLE_METRICS = "explanations/metrics.json"
+
+
+@dataclass
+class ExplainStageConfig:
+    """Which predictions get explanations, and whether a language model rewrites them."""
+
+    splits: tuple[str, ...] = ("test",)
+    """Splits whose predictions are explained (they must have been attributed)."""
+    max_predictions: int = 3000
+    """Cap: every positive decision first, then negatives at random up to the cap (seeded)."""
+    audiences: tuple[str, ...] = ("clinician", "lay")
+    compose: ExplainConfig = field(default_factory=ExplainConfig)
+    rewrite: bool = False
+    """Rewrite with a language model (through label.lmm's endpoint), guarded; off by default."""
+    rewrite_config: RewriteConfig = field(default_factory=RewriteConfig)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.splits, list):
+            self.splits = tuple(self.splits)
+        if isinstance(self.audiences, list):
+            self.audiences = tuple(self.audiences)
+        bad = [a for a in self.audiences if a not in ("clinician", "lay")]
+        if bad or not self.audiences:
+            raise ValueError(f"audiences must be a non-empty subset of (clinician, lay), got {self.audiences}")
+
+
+def run_explain(run, cfg: ExplainStageConfig, llm_config=None, progress: bool = True) -> tuple[list[str], dict[str, Any]]:
+    """Compose explanations for the chosen predictions; score them with the NLE metrics."""
+    import numpy as np
+
+    from sae_cxr.attribution import DecompositionReader
+    from sae_cxr.ingest import read_records_table
+    from sae_cxr.nle_metrics import nle_report
+    from sae_cxr.progress import progress_bar
+    from sae_cxr.run import write_json_atomic
+
+    reader = DecompositionReader(run)
+    preds = reader.preds[reader.preds["split"].isin(cfg.splits)]
+    if preds.empty:
+        raise ValueError(f"no attributed predictions in splits {cfg.splits}; run `sae-cxr attribute` on them first")
+    pos = preds[preds["probability"] >= cfg.compose.decision_threshold]
+    neg = preds[preds["probability"] < cfg.compose.decision_threshold]
+    rng = np.random.default_rng(cfg.seed)
+    n_pos = min(len(pos), cfg.max_predictions)
+    pos = pos.iloc[np.sort(rng.choice(len(pos), n_pos, replace=False))] if n_pos < len(pos) else pos
+    n_neg = min(len(neg), max(cfg.max_predictions - n_pos, 0))
+    neg = neg.iloc[np.sort(rng.choice(len(neg), n_neg, replace=False))] if n_neg else neg.iloc[:0]
+    chosen = pd.concat([pos, neg])
+    backend = None
+    if cfg.rewrite:
+        from sae_cxr.labeling.llm_client import OpenAIChatClient
+
+        if llm_config is None or not llm_config.model:
+            raise ValueError("explain.rewrite needs a language model: set label.lmm.model and base_url")
+        backend = OpenAIChatClient(llm_config)
+    exps: dict[str, list[Explanation]] = {a: [] for a in cfg.audiences}
+    rewrites = {"accepted": 0, "rejected": 0, "reasons": {}}
+    with progress_bar(total=len(chosen), desc="explanations", unit="pred", disable=not progress) as bar:
+        for r in chosen.itertuples():
+            d = reader.get(r.record_id, r.finding)
+            for a in cfg.audiences:
+                e = compose(d, a, cfg.compose)
+                if backend is not None:
+                    res = rewrite(e, d, backend, cfg.rewrite_config)
+                    key = "accepted" if res.accepted else "rejected"
+                    rewrites[key] += 1
+                    if not res.accepted:
+                        rewrites["reasons"][res.reason] = rewrites["reasons"].get(res.reason, 0) + 1
+                    e = dataclasses.replace(e, text=res.text)
+                exps[a].append(e)
+            bar.update(1)
+    run.sub(EXPL_DIR).mkdir(parents=True, exist_ok=True)
+    save_explanations(run.sub(EXPLANATIONS), [e for a in cfg.audiences for e in exps[a]])
+    records = read_records_table(run)
+    reports = dict(zip(records["id"].astype(str), records["report"].astype(str)))
+    labels = [float(x) for x in chosen["label"]]
+    metrics = {a: nle_report(exps[a], labels=labels, references=reports) for a in cfg.audiences}
+    if backend is not None:
+        metrics["rewrite"] = rewrites
+    write_json_atomic(run.sub(NLE_METRICS), metrics)
+    summary: dict[str, Any] = {"predictions": len(chosen), "positives": int(n_pos)}
+    for a in cfg.audiences:
+        m = metrics[a]
+        summary[a] = {"simulatability_decision": round(m["simulatability"]["decision"]["accuracy"], 3),
+                      "simulatability_evidence_only": round(m["simulatability"]["decision_evidence_only"]["accuracy"], 3),
+                      "chance": round(m["simulatability"]["decision"]["chance"], 3),
+                      "distinct_2": round(m["diversity"]["distinct_2"], 3),
+                      "self_bleu4": None if m["diversity"]["self_bleu4"] is None else round(m["diversity"]["self_bleu4"], 3),
+                      "plausibility_rouge_l": _round(m["plausibility"].get("rouge_l_mean")),
+                      "plausibility_bleu4": _round(m["plausibility"].get("bleu4_corpus"))}
+    return [EXPL_DIR], summary
+
+
+def _round(v: Any) -> Any:
+    return round(float(v), 3) if isinstance(v, (int, float)) else v

@@ -162,3 +162,34 @@ class LocalizationScores:
         au = np.array(self.auprc, dtype=float)
         out["pixel_auprc"] = float(np.nanmean(au)) if np.isfinite(au).any() else None
         return out
+
+
+def describe_location(u: float, v: float) -> str:
+    """A radiological zone name for a point in normalised image coordinates (u right, v down).
+
+    Radiological convention: the patient's right is on the image left. Points near the border are
+    named as such: markers, text and collimation live there, not in the lungs.
+    """
+    if u < 0.08 or u > 0.92 or v < 0.06 or v > 0.94:
+        vert = "top" if v < 0.5 else "bottom"
+        horiz = "left" if u < 0.5 else "right"
+        return f"image border ({vert} {horiz} of the film)"
+    if 0.44 <= u <= 0.56:
+        side = "midline"
+    else:
+        side = "right" if u < 0.5 else "left"
+    zone = "upper" if v < 0.36 else ("middle" if v < 0.56 else "lower")
+    return f"{side} {zone} zone" if side != "midline" else f"midline, {zone} chest"
+
+
+def peak_location(grid_map: np.ndarray, lb: Letterbox | None = None, model_size: int | None = None) -> str | None:
+    """Zone of a map's maximum (None for an all-zero map); the letterbox maps it back to the source image."""
+    g = np.asarray(grid_map, dtype=np.float64)
+    if not np.isfinite(g).any() or g.max() <= 0:
+        return None
+    r, c = np.unravel_index(int(np.argmax(g)), g.shape)
+    u, v = (c + 0.5) / g.shape[1], (r + 0.5) / g.shape[0]
+    if lb is not None and model_size is not None:
+        x, y = lb.to_source(u * model_size, v * model_size)
+        u, v = float(x) / lb.src_w, float(y) / lb.src_h
+    return describe_location(float(u), float(v))
