@@ -15,9 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from sae_cxr.attribution import AttributionConfig
 from sae_cxr.classifier import ClassifierConfig
 from sae_cxr.data.phantom import PhantomConfig
+from sae_cxr.explain import ExplainStageConfig
 from sae_cxr.extract import ExtractConfig
+from sae_cxr.gallery import GalleryConfig
+from sae_cxr.labeling.stage import LabelConfig
+from sae_cxr.patterns import PatternConfig
+from sae_cxr.transcoders.stage import TranscoderStageConfig
 
 T = TypeVar("T")
 
@@ -98,6 +104,12 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    transcoders: TranscoderStageConfig = field(default_factory=TranscoderStageConfig)
+    patterns: PatternConfig = field(default_factory=PatternConfig)
+    galleries: GalleryConfig = field(default_factory=GalleryConfig)
+    attribution: AttributionConfig = field(default_factory=AttributionConfig)
+    label: LabelConfig = field(default_factory=LabelConfig)
+    explain: ExplainStageConfig = field(default_factory=ExplainStageConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)

@@ -56,12 +56,60 @@ def _stage_classifier(run: RunDir, cfg: RunConfig) -> StageResult:
     return StageResult(*run_classifier(run, cfg.classifier, seed=cfg.seed))
 
 
+def _stage_transcoders(run: RunDir, cfg: RunConfig) -> StageResult:
+    from sae_cxr.transcoders.stage import run_train_transcoders
+
+    return StageResult(*run_train_transcoders(run, cfg.transcoders, seed=cfg.seed))
+
+
+def _stage_patterns(run: RunDir, cfg: RunConfig) -> StageResult:
+    from sae_cxr.patterns import run_patterns
+
+    return StageResult(*run_patterns(run, cfg.patterns, seed=cfg.seed))
+
+
+def _stage_galleries(run: RunDir, cfg: RunConfig) -> StageResult:
+    from sae_cxr.gallery import run_galleries
+
+    return StageResult(*run_galleries(run, cfg.galleries, seed=cfg.seed))
+
+
+def _stage_attribute(run: RunDir, cfg: RunConfig) -> StageResult:
+    from sae_cxr.attribution import run_attribute
+
+    return StageResult(*run_attribute(run, cfg.attribution, seed=cfg.seed))
+
+
+def _stage_label(run: RunDir, cfg: RunConfig) -> StageResult:
+    from sae_cxr.labeling.stage import run_label
+
+    return StageResult(*run_label(run, cfg.label))
+
+
+def _stage_explain(run: RunDir, cfg: RunConfig) -> StageResult:
+    from sae_cxr.explain import run_explain
+
+    return StageResult(*run_explain(run, cfg.explain, llm_config=cfg.label.lmm))
+
+
 STAGES: list[Stage] = [
     Stage("data", (), ("data",), _stage_data, "load or generate the images and write records.parquet"),
     Stage("extract", ("data",), ("extract",), _stage_extract,
           "embed every image (and report) with the backbone; patch tokens for the evaluation splits"),
     Stage("train-classifier", ("extract",), ("classifier",), _stage_classifier,
           "train the diagnostic head on the embeddings; AUROC/AUPRC per finding with bootstrap intervals"),
+    Stage("train-transcoders", ("train-classifier",), ("transcoders",), _stage_transcoders,
+          "train the transcoder ensemble (x -> the head's hidden layer) in one vectorised pass; per-member metrics"),
+    Stage("patterns", ("train-transcoders",), ("patterns",), _stage_patterns,
+          "consolidate the members' latents into stable patterns; monosemanticity and concept recovery"),
+    Stage("galleries", ("patterns",), ("galleries",), _stage_galleries,
+          "activation galleries per pattern and FAISS indices over images and patterns"),
+    Stage("attribute", ("galleries",), ("attribution",), _stage_attribute,
+          "decompose every prediction exactly into patterns; faithfulness and localization"),
+    Stage("label", ("attribute",), ("label",), _stage_label,
+          "name every pattern (evidence, text tower, LMM) and verify the names on held-out images"),
+    Stage("explain", ("label",), ("explain",), _stage_explain,
+          "natural-language explanations for clinicians and lay readers; NLE metrics"),
 ]
 
 

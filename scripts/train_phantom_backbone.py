@@ -99,6 +99,8 @@ def evaluate(model: PhantomClip, worlds: list[tuple[str, list[PhantomCase], np.n
     """Linear-probe AUROC per concept and phrase retrieval, on each held-out world."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
 
     backbone = PhantomClipBackbone(model, "training")
     phrases = [CONCEPTS[c].phrase for c in CONCEPT_NAMES]
@@ -114,7 +116,7 @@ def evaluate(model: PhantomClip, worlds: list[tuple[str, list[PhantomCase], np.n
             if yt.min() == yt.max() or yv.min() == yv.max():
                 probe[c] = float("nan")
                 continue
-            clf = LogisticRegression(C=1.0, max_iter=2000).fit(x[:n_fit], yt)
+            clf = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=3000)).fit(x[:n_fit], yt)
             probe[c] = float(roc_auc_score(yv, clf.decision_function(x[n_fit:])))
             sim = x @ t[j]
             top = np.argsort(-sim)[:10]
@@ -135,28 +137,49 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--eval-n", type=int, default=3000)
     ap.add_argument("--quick", action="store_true", help="a tiny run to check the script end to end")
+    ap.add_argument("--eval-only", action="store_true", help="evaluate the weights in --out without training")
+    ap.add_argument("--init", default=None, help="start from the weights in this folder (fine-tuning)")
+    ap.add_argument("--small-frac", type=float, default=0.0,
+                    help="share of training images rendered at 96 px and upsampled (robustness to small films)")
     a = ap.parse_args()
     if a.quick:
         a.n_train, a.epochs, a.eval_n = 512, 1, 400
     torch.manual_seed(a.seed)
     rng = np.random.default_rng(a.seed)
     t0 = time.perf_counter()
+    if a.eval_only:
+        from sae_cxr.backbones.phantom_clip import load_phantom_clip
 
-    # Training data: mostly at the model's size, a fifth rendered larger and downsampled.
+        report_quality(load_phantom_clip(a.out), a, t0, {"eval_only": True})
+        return
+
+    # Training data: mostly at the model's size, a fifth rendered larger and downsampled, and
+    # optionally a share rendered smaller and upsampled.
     n_big = a.n_train // 5
-    cases_a, imgs_a = render_world(PhantomConfig(n=a.n_train - n_big, seed=a.seed, size=128, prevalence_scale=1.5),
-                                   128, a.workers)
-    cases_b, imgs_b = render_world(PhantomConfig(n=n_big, seed=a.seed + 1, size=192, prevalence_scale=1.5),
-                                   128, a.workers)
-    cases, imgs = cases_a + cases_b, np.concatenate([imgs_a, imgs_b])
+    n_small = int(a.n_train * a.small_frac)
+    parts = [render_world(PhantomConfig(n=a.n_train - n_big - n_small, seed=a.seed, size=128, prevalence_scale=1.5),
+                          128, a.workers),
+             render_world(PhantomConfig(n=n_big, seed=a.seed + 1, size=192, prevalence_scale=1.5), 128, a.workers)]
+    if n_small:
+        parts.append(render_world(PhantomConfig(n=n_small, seed=a.seed + 2, size=96, prevalence_scale=1.5), 128,
+                                  a.workers))
+    cases = [c for p, _ in parts for c in p]
+    imgs = np.concatenate([im for _, im in parts])
     y_all = torch.from_numpy(concept_matrix(cases))
     print(f"rendered {len(cases)} training images in {time.perf_counter() - t0:.0f} s")
 
     syn, distract = synonyms(), distractors()
     all_text = [c.report for c in cases[:5000]] + [p for v in syn.values() for p in v] + distract
     all_text += [caption(c, syn, rng) for c in cases[:2000]] + ["normal chest radiograph."]
-    cfg = PhantomClipConfig(vocab=WordTokenizer.build_vocab(all_text), concepts=list(CONCEPT_NAMES))
-    model = PhantomClip(cfg)
+    if a.init:
+        from sae_cxr.backbones.phantom_clip import load_phantom_clip
+
+        model = load_phantom_clip(a.init)
+        cfg = model.cfg
+        print(f"fine-tuning from {a.init}")
+    else:
+        cfg = PhantomClipConfig(vocab=WordTokenizer.build_vocab(all_text), concepts=list(CONCEPT_NAMES))
+        model = PhantomClip(cfg)
     tok = WordTokenizer(cfg.vocab, cfg.context_length)
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, vocab {len(cfg.vocab)}")
 
@@ -207,6 +230,11 @@ def main() -> None:
         save_phantom_clip(model, a.out)
         print(f"epoch {epoch} done in {time.perf_counter() - t_ep:.0f} s; saved to {a.out}", flush=True)
 
+    report_quality(model, a, t0, {"n_train": len(cases), "epochs": a.epochs, "batch": a.batch, "lr": a.lr,
+                                  "seed": a.seed})
+
+
+def report_quality(model: PhantomClip, a: argparse.Namespace, t0: float, training: dict) -> None:
     model.eval()
     held_out = []
     for name, wc in (("seed 777, 128 px", PhantomConfig(n=a.eval_n, seed=777, size=128)),
@@ -217,8 +245,7 @@ def main() -> None:
         c, im = render_world(wc, 128, a.workers)
         held_out.append((name, c, im))
     quality = evaluate(model, held_out)
-    quality["training"] = {"n_train": len(cases), "epochs": a.epochs, "batch": a.batch, "lr": a.lr,
-                           "seed": a.seed, "seconds": round(time.perf_counter() - t0)}
+    quality["training"] = {**training, "seconds": round(time.perf_counter() - t0)}
     Path(a.out, "quality.json").write_text(json.dumps(quality, indent=1))
     for name, q in quality.items():
         if name == "training":
