@@ -268,7 +268,7 @@ def run_attribute(run: RunDir, cfg: AttributionConfig, seed: int = 0, ids: Seque
     from sae_cxr.extract import EmbeddingStore
     from sae_cxr.ingest import open_run_dataset
     from sae_cxr.patterns import load_patterns
-    from sae_cxr.transcoders.store import load_ensemble
+    from sae_cxr.transcoders.stage import load_ensemble
 
     ds = open_run_dataset(run)
     store = EmbeddingStore(run)

@@ -366,7 +366,7 @@ def run_patterns(run: RunDir, cfg: PatternConfig, seed: int = 0, progress: bool 
     from sae_cxr.classifier import load_head
     from sae_cxr.extract import EmbeddingStore
     from sae_cxr.ingest import open_run_dataset
-    from sae_cxr.transcoders.store import load_ensemble
+    from sae_cxr.transcoders.stage import load_ensemble
 
     ds = open_run_dataset(run)
     store = EmbeddingStore(run)
