@@ -17,6 +17,13 @@ file sizes and hashes), written last, so a sidecar always describes complete ind
 The GPU is used when faiss-gpu sees one (`use_gpu="auto"`): training runs its k-means on the
 GPU, flat and IVF indices are moved to it for add and search, and `save` always writes the CPU
 version. HNSW has no FAISS GPU implementation and stays on the CPU.
+
+Scale (numbers from scripts/bench_search.py on 2 shared cores, 512-d): patterns and label texts
+(thousands) are searched exactly; image sets up to 2M (MIMIC-CXR is 377k images, 740 MiB as
+float32) use HNSW, ~0.3 ms per query at recall@20 0.998; beyond 2M (patch tokens: 196 per image)
+IVF-PQ keeps 72 B per vector (25x under float32 at 1M) and re-ranks exactly from a memmap of
+the embeddings. Shards split the codes over machines or GPUs without changing results: IVF
+shards are clones of one trained index, and IndexShards merges their top-k exactly.
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ from sae_cxr.run import atomic_path, sha256_file, write_json_atomic
 log = logging.getLogger("sae_cxr.index")
 
 Kind = Literal["flat", "hnsw", "ivf", "ivfpq"]
-KINDS: tuple[str, ...] = ("flat", "hnsw", "ivf", "ivfpq")
+KINDS: tuple[Kind, ...] = ("flat", "hnsw", "ivf", "ivfpq")
 FORMAT_VERSION = 1
 SIDECAR_SUFFIX = ".json"
 GPU_MAX_K = 2048  # FAISS GPU indices answer at most k=2048 neighbours per query
@@ -102,15 +109,17 @@ class IndexConfig:
     nprobe: int | None = None
     """IVF cells visited per query; None = rule: max(32, nlist / 32) (at most nlist)."""
     pq_bytes: int = 64
-    """IVF-PQ code size in bytes per vector (= PQ sub-quantizers at 8 bits); must divide the
-    dimension, else the largest divisor below it is used. 64 B at 512-d: 8 dims per code."""
+    """IVF-PQ code size in bytes per vector (= PQ sub-quantizers at 8 bits); the sub-quantizer
+    count must divide the dimension, else the largest divisor below it is used. 64 B at 512-d:
+    8 dims per code byte, 32x smaller than float32. FAISS GPU IVF-PQ takes at most 96 B codes."""
     pq_nbits: int = 8
     """Bits per PQ sub-quantizer code (8: 256 centroids per sub-space, the FAISS default)."""
-    rerank_factor: int = 4
+    rerank_factor: int = 16
     """With the original vectors attached (`attach_vectors`, e.g. an np.memmap of the run's
     embeddings), an IVF-PQ search takes rerank_factor x k candidates by their codes and re-scores
-    them exactly: codes stay in memory, floats stay on disk, recall returns near IVF-Flat's.
-    0 = never re-rank."""
+    them exactly: codes stay in memory, floats stay on disk. At 1M x 512 with 64 B codes,
+    recall@20 was 0.54 without re-ranking (PQ-bound: the same at nprobe 64..256), 0.89 with x4,
+    0.965 with x8, 0.99 with x16, for +0.5..1 ms p50 (bench_search.py). 0 = never re-rank."""
     train_size: int | None = None
     """Vectors sampled to train IVF/IVF-PQ; None = rule: 64 x nlist (>= 39 x 2^pq_nbits for PQ),
     at most N. Training needs only this sample in memory; the rest is added in chunks."""
@@ -161,7 +170,7 @@ class IndexConfig:
 class IndexPlan:
     """The index type and parameters chosen for a size: what `info()` and the sidecar report."""
 
-    kind: str
+    kind: Kind
     expected_count: int
     dim: int
     factory: str
@@ -187,7 +196,7 @@ class IndexPlan:
 
 # -- size rules ---------------------------------------------------------------------------------
 
-def select_kind(n: int, cfg: IndexConfig, gpu: bool = False) -> str:
+def select_kind(n: int, cfg: IndexConfig, gpu: bool = False) -> Kind:
     """flat below `exact_below`, IVF-PQ above `compressed_above`, `approximate` in between
     ("auto": IVF when the index goes to a GPU, where FAISS has no HNSW; else HNSW)."""
     if n < cfg.exact_below:
@@ -196,7 +205,7 @@ def select_kind(n: int, cfg: IndexConfig, gpu: bool = False) -> str:
         return "ivfpq"
     if cfg.approximate == "auto":
         return "ivf" if gpu else "hnsw"
-    return cfg.approximate
+    return "ivf" if cfg.approximate == "ivf" else "hnsw"
 
 
 def _pow2_nearest(x: float) -> int:
@@ -222,7 +231,8 @@ def ivf_nprobe(nlist: int) -> int:
 
 
 def hnsw_ef_search(n: int) -> int:
-    """64 up to 1M vectors, 128 above (graphs get deeper, the beam must widen to keep recall)."""
+    """64 up to 1M vectors (recall@20 0.998 at 100k, 0.984 at 32, bench_search.py), 128 above:
+    a precaution for bigger graphs that this machine could not measure; check with recall_at_k."""
     return 64 if n <= 1_000_000 else 128
 
 
@@ -725,8 +735,7 @@ class VectorIndex:
         Returns scores [Q, k'] float32 (cosine/inner product, higher is closer; or squared L2,
         lower is closer) and ids [Q, k'] in the caller's ids: int64 with -1, or an object array of
         str with None, where an approximate index found fewer than k (their scores are -inf for
-        ip, +inf for l2). k' = min(k, len(index)):
-        a k above the index size is clamped with a logged note.
+        ip, +inf for l2). k' = min(k, len(index)): a larger k is clamped with a logged note.
         """
         plan = self._require_plan()
         if self._count == 0:
@@ -842,7 +851,7 @@ class VectorIndex:
             raise VectorIndexError("recall needs at least one query")
         k = self._check_k(k)
         _, approx = self._search_positions(q, k)
-        _, exact = self.exact_search(q, k, reference=reference, _checked=True)
+        _, exact = self._exact(q, k, reference)
         r = recall_from_positions(approx, exact)
         self._recall = {"k": k, "recall": round(r, 4), "queries": int(len(q)),
                         "exact_from": "stored vectors" if reference is None else "reference vectors",
@@ -851,14 +860,17 @@ class VectorIndex:
         return r
 
     def exact_search(self, queries: np.ndarray, k: int,
-                     reference: np.ndarray | Iterable[np.ndarray] | None = None,
-                     _checked: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                     reference: np.ndarray | Iterable[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Brute-force top-k over the stored (or `reference`) vectors, chunk by chunk in bounded
         memory. Returns (scores, positions): positions index insertion order, not caller ids."""
         plan = self._require_plan()
-        q = queries if _checked else self._queries(queries, plan.dim)
-        if not _checked:
-            k = self._check_k(k)
+        if self._count == 0:
+            raise VectorIndexError("the index is empty: build() or add() vectors before searching")
+        return self._exact(self._queries(queries, plan.dim), self._check_k(k), reference)
+
+    def _exact(self, q: np.ndarray, k: int, reference: np.ndarray | Iterable[np.ndarray] | None
+               ) -> tuple[np.ndarray, np.ndarray]:
+        plan = self._require_plan()
         if reference is None:
             chunks = self._stored_chunks()
         else:
@@ -1026,13 +1038,14 @@ class VectorIndex:
             meta = json.loads(side.read_text())
         except json.JSONDecodeError as e:
             raise VectorIndexError(f"{side} is not valid JSON ({e}); rewrite the index") from None
-        if meta.get("format") != FORMAT_VERSION:
-            raise VectorIndexError(f"{side} has format {meta.get('format')!r}, this code reads {FORMAT_VERSION}")
+        if meta.get("format") != FORMAT_VERSION or meta.get("kind") not in KINDS:
+            raise VectorIndexError(f"{side} has format {meta.get('format')!r} and kind {meta.get('kind')!r}; this "
+                                   f"code reads format {FORMAT_VERSION} with kinds {list(KINDS)}")
         cfg_data = dict(meta["config"])
         if use_gpu is not None:
             cfg_data["use_gpu"] = use_gpu
-        self = cls(IndexConfig.from_json(cfg_data))
-        self._plan = IndexPlan(**meta["plan"])
+        ix = cls(IndexConfig.from_json(cfg_data))
+        ix._plan = IndexPlan(**meta["plan"])
         parts = []
         for f in meta["files"]:
             fp = p.with_name(f["name"])
@@ -1045,17 +1058,17 @@ class VectorIndex:
         total = sum(int(part.ntotal) for part in parts)
         if total != meta["count"]:
             raise VectorIndexError(f"{p} holds {total} vectors but its sidecar says {meta['count']}; rewrite the index")
-        self._count = int(meta["count"])
-        self._id_type = meta["id_type"] if self._count else None
+        ix._count = int(meta["count"])
+        ix._id_type = meta["id_type"] if ix._count else None
         ids = meta["ids"]
-        if self._id_type == "str":
-            self._str_ids = list(ids)
-            self._str_set = set(self._str_ids)
-        elif self._id_type == "int":
-            self._int_ids = [np.asarray(ids, dtype=np.int64)]
-        self._recall = meta.get("recall")
-        self._assemble(parts, self._use_gpu_for(self._plan))
-        return self
+        if ix._id_type == "str":
+            ix._str_ids = list(ids)
+            ix._str_set = set(ix._str_ids)
+        elif ix._id_type == "int":
+            ix._int_ids = [np.asarray(ids, dtype=np.int64)]
+        ix._recall = meta.get("recall")
+        ix._assemble(parts, ix._use_gpu_for(ix._plan))
+        return ix
 
     # -- metadata -------------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
