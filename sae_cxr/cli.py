@@ -172,6 +172,33 @@ def cmd_stage(a: argparse.Namespace) -> int:
     return 0
 
 
+def _add_search(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("search", help="search a run: similar patterns, similar images, or patterns for a text",
+                       description="Query a run's FAISS indices with exactly one of --pattern, --image or --text.")
+    p.add_argument("--run", required=True)
+    q = p.add_mutually_exclusive_group(required=True)
+    q.add_argument("--pattern", type=int, help="a pattern id: the most similar patterns")
+    q.add_argument("--image", help="an image id: the most similar images")
+    q.add_argument("--text", help='a phrase, e.g. "pacemaker": the patterns whose labels match it')
+    p.add_argument("-k", type=int, default=20, help="results (default 20)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_search)
+
+
+def cmd_search(a: argparse.Namespace) -> int:
+    from sae_cxr.run import RunDir
+    from sae_cxr.search import search
+
+    hits = search(RunDir(a.run), pattern=a.pattern, image=a.image, text=a.text, k=a.k)
+    if a.json:
+        print(json.dumps([h.to_dict() for h in hits], indent=1))
+        return 0
+    for rank, h in enumerate(hits, 1):
+        extra = f"  {h.label} [{h.category}]" if h.label else ""
+        print(f"{rank:>3}. {h.kind} {h.id}  score {h.score:.3f}{extra}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sae-cxr", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"sae-cxr {__version__}")
@@ -187,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-ADDERS: list[Callable[[argparse._SubParsersAction], None]] = [_add_phantom, _add_demo]
+ADDERS: list[Callable[[argparse._SubParsersAction], None]] = [_add_phantom, _add_demo, _add_search]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
