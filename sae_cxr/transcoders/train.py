@@ -204,7 +204,7 @@ class EnsembleTrainer:
                                            native=self.native, workspace=ws, key="aux")
             asse = asse[0]
             n_dead = dead.sum(1).float()
-            scale = (n_dead / max(1, sel.aux_k)).clamp(max=1.0)
+            scale = (n_dead / self.aux_k).clamp(max=1.0)  # the configured k_aux: no coupling via others' deaths
             aux = torch.where(n_dead > 0, scale * asse / var_r, torch.zeros_like(asse))
             loss_e = loss_e + cfg.aux_coef * aux
         loss = loss_e.sum()
