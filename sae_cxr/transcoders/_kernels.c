@@ -458,6 +458,92 @@ void dec_bwd(const float* v, const i64* idx, i64 B, i64 E, i64 S, const float* W
     }
 }
 
+/* Decoder forward, squared-error loss and its backward in ONE pass per (member, sample).
+ * The loss is fixed: loss[e] = sum_l wsse[l, e] * sse[l, e] with out[l] = bias + base - target +
+ * sum_{level <= l} v W[e, idx] (the residual of prefix l). Its gradient is therefore known during
+ * the forward: G_l = sum_{p >= l} 2 wsse[p, e] out[p]. Computing it here avoids writing the
+ * [L, B, E, d] residual and reading it back, and the decoder rows the forward just gathered are
+ * still in L1/L2 for the value-gradient dots.
+ * Outputs: sse [L, E] and rsum [E, d] (accumulated, double), out (optional), gv [B, E, S],
+ * gW [E, m, d] (+=, optional), gbias [E, d] (+=, optional), gbase [B, E, d] (=, optional).
+ * ow_w / ow_b: zero the member's gW / gbias block first. */
+void dec_fused(const float* v, const i64* idx, i64 B, i64 E, i64 S, const float* W, i64 m, i64 d,
+               const int32_t* level, i64 L, const float* bias, const float* base, const float* target,
+               const float* wsse, float* out, double* sse, double* rsum,
+               float* gv, float* gW, float* gbias, float* gbase, int ow_w, int ow_b, int nthreads) {
+#pragma omp parallel num_threads(nthreads)
+    {
+        float* acc = (float*)malloc((size_t)(L * d) * sizeof(float));
+        float* G = (float*)malloc((size_t)(L * d) * sizeof(float));
+#pragma omp for schedule(dynamic, 1)
+        for (i64 e = 0; e < E; e++) {
+            const float* We = W + e * m * d;
+            float* gWe = gW ? gW + e * m * d : NULL;
+            if (ow_w && gWe) memset(gWe, 0, (size_t)(m * d) * sizeof(float));
+            if (ow_b && gbias) memset(gbias + e * d, 0, (size_t)d * sizeof(float));
+            for (i64 b = 0; b < B; b++) {
+                const float* bb = base ? base + (b * E + e) * d : NULL;
+                const float* tt = target ? target + b * d : NULL;
+                const float* bi = bias ? bias + e * d : NULL;
+                for (i64 i = 0; i < d; i++) {
+                    float t = 0.0f;
+                    if (bi) t += bi[i];
+                    if (bb) t += bb[i];
+                    if (tt) t -= tt[i];
+                    acc[i] = t;
+                }
+                for (i64 i = d; i < L * d; i++) acc[i] = 0.0f;
+                const float* vs = v + (b * E + e) * S;
+                const i64* is = idx + (b * E + e) * S;
+                if (L == 1) {
+                    gather_accum(acc, We, is, vs, S, d);
+                } else {
+                    for (i64 s = 0; s < S; s++) {
+                        i64 j = is[s];
+                        if (j < 0 || vs[s] == 0.0f) continue;
+                        axpyf(vs[s], We + j * d, acc + (level ? level[j] : 0) * d, d);
+                    }
+                    for (i64 l = 1; l < L; l++) axpyf(1.0f, acc + (l - 1) * d, acc + l * d, d);
+                }
+                for (i64 l = 0; l < L; l++) {
+                    sse[l * E + e] += (double)dotf(acc + l * d, acc + l * d, d);
+                    if (out) memcpy(out + ((l * B + b) * E + e) * d, acc + l * d, (size_t)d * sizeof(float));
+                }
+                if (rsum) {
+                    const float* al = acc + (L - 1) * d;
+                    double* rs = rsum + e * d;
+                    for (i64 i = 0; i < d; i++) rs[i] += al[i];
+                }
+                for (i64 l = L - 1; l >= 0; l--) {
+                    float c = 2.0f * wsse[l * E + e];
+                    const float* al = acc + l * d;
+                    float* Gl = G + l * d;
+                    if (l == L - 1) {
+#pragma omp simd
+                        for (i64 i = 0; i < d; i++) Gl[i] = c * al[i];
+                    } else {
+                        const float* Gn = G + (l + 1) * d;
+#pragma omp simd
+                        for (i64 i = 0; i < d; i++) Gl[i] = Gn[i] + c * al[i];
+                    }
+                }
+                if (gbias) axpyf(1.0f, G, gbias + e * d, d);
+                if (gbase) memcpy(gbase + (b * E + e) * d, G, (size_t)d * sizeof(float));
+                float* gs = gv + (b * E + e) * S;
+                for (i64 s = 0; s < S; s++) {
+                    i64 j = is[s];
+                    if (j < 0) { gs[s] = 0.0f; continue; }
+                    const float* Gl = G + (level ? level[j] : 0) * d;
+                    gs[s] = dotf(We + j * d, Gl, d);
+                    if (gWe && vs[s] != 0.0f) axpyf(vs[s], Gl, gWe + j * d, d);
+                }
+            }
+        }
+        free(acc);
+        free(G);
+    }
+}
+
 /* ------------------------------------------------------------------ encoder backward */
 
 /* gWenc[e, idx] += gv * x[b] and gbenc[e, idx] += gv for every slot with idx >= 0 and v > 0

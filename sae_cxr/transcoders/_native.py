@@ -50,6 +50,8 @@ _SIGNATURES = {
     "member_sqnorm": [_P, _I, _I, _P, _INT],
     "renorm_rows": [_P, _I, _I, _INT],
     "add_bias": [_P, _I, _I, _P, _INT],
+    "dec_fused": [_P, _P, _I, _I, _I, _P, _I, _I, _P, _I, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P,
+                  _INT, _INT, _INT],
 }
 
 

@@ -375,6 +375,77 @@ class NativeDecode(torch.autograd.Function):
         return (gv if need_v else None), gW, gbias, gbase, None, None, None, None, None, None
 
 
+class NativeDecodeLoss(torch.autograd.Function):
+    """Sparse decoder + a FIXED weighted squared-error loss, gradients computed in the forward.
+
+    loss[e] = sum_l weights[l, e] * sse[l, e], sse as in NativeDecode. Because the loss is known,
+    one pass per (member, sample) produces the reconstruction, the loss and every gradient (the
+    training step's case); the backward only scales them by the incoming d total / d loss[e].
+    Outputs: loss [E] (differentiable), sse [L, E], rsum [E, d], out [L, B, E, d] or an empty
+    tensor (want_out=False saves writing it).
+    With a workspace, decoder gradients go straight into the sinks during the forward: the
+    trainer calls ws.begin_step() before it.
+    """
+
+    @staticmethod
+    def forward(ctx, values, W_dec, bias, base, indices, target, level, n_levels: int, weights,
+                want_out: bool, ws: Workspace | None):
+        B, E, S = values.shape
+        _, m, d = W_dec.shape
+        L = n_levels
+        need_v, need_W, need_b, need_base = ctx.needs_input_grad[:4]
+        need_b = need_b and bias is not None
+        need_base = need_base and base is not None
+        out = None
+        if want_out:
+            out = ws.buffer("dec_out_main", (L, B, E, d)) if ws is not None else torch.empty(L, B, E, d)
+        sse = torch.zeros(L, E, dtype=torch.float64)
+        rsum = torch.zeros(E, d, dtype=torch.float64)
+        gv = torch.empty(B, E, S)
+        sW = ws.sink(W_dec) if (need_W and ws is not None) else (None, False)
+        sb = ws.sink(bias) if (need_b and ws is not None) else (None, False)
+        gW = sW[0] if sW[0] is not None else (torch.zeros_like(W_dec) if need_W else None)
+        gbias = sb[0] if sb[0] is not None else (torch.zeros(E, d) if need_b else None)
+        gbase = torch.empty(B, E, d) if need_base else None
+        w = weights.detach().float().contiguous()
+        values = values.contiguous()
+        _native.lib().dec_fused(
+            values.data_ptr(), indices.data_ptr(), B, E, S, W_dec.detach().contiguous().data_ptr(), m, d,
+            _native.ptr(level), L, _native.ptr(None if bias is None else bias.detach().contiguous()),
+            _native.ptr(None if base is None else base.detach().contiguous()),
+            _native.ptr(None if target is None else target.contiguous()), w.data_ptr(), _native.ptr(out),
+            sse.data_ptr(), rsum.data_ptr(), gv.data_ptr(), _native.ptr(gW), _native.ptr(gbias), _native.ptr(gbase),
+            int(sW[1]), int(sb[1]), _native.nthreads())
+        loss = (w.double() * sse).sum(0).float()
+        ctx.grads = (gv if need_v else None, gW, gbias, gbase)
+        ctx.sinks = (sW[0] is not None, sb[0] is not None, sW[1], sb[1])
+        ctx.mark_non_differentiable(sse, rsum)
+        ctx.set_materialize_grads(False)
+        out_t = out if out is not None else torch.empty(0)
+        ctx.mark_non_differentiable(out_t)
+        return loss, sse.float(), rsum.float(), out_t
+
+    @staticmethod
+    def backward(ctx, g_loss, _g_sse, _g_rsum, _g_out):
+        gv, gW, gbias, gbase = ctx.grads
+        ctx.grads = None
+        sinkW, sinkb, freshW, freshb = ctx.sinks
+        if g_loss is None:
+            return (None,) * 11
+        if not bool((g_loss == 1).all()):
+            E = g_loss.shape[0]
+            sc = g_loss.float()
+            if (sinkW and not freshW) or (sinkb and not freshb):
+                raise RuntimeError("NativeDecodeLoss: a loss weight != 1 on a shared gradient sink is not supported")
+            gv = gv * sc.view(1, E, 1) if gv is not None else None
+            gbase = gbase * sc.view(1, E, 1) if gbase is not None else None
+            if gW is not None:
+                gW.mul_(sc.view(E, 1, 1))
+            if gbias is not None:
+                gbias.mul_(sc.view(E, 1))
+        return (gv, None if sinkW else gW, None if sinkb else gbias, gbase, None, None, None, None, None, None, None)
+
+
 # ----------------------------------------------------------------------------------- torch path
 
 def torch_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, log_threshold: Tensor | None, sel: Selection,
@@ -502,6 +573,24 @@ def torch_decode(values: Tensor, W_dec: Tensor, bias: Tensor | None, base: Tenso
 
 
 # ----------------------------------------------------------------------------------- dispatch
+
+def decode_loss(values: Tensor, indices: Tensor, W_dec: Tensor, bias: Tensor | None, base: Tensor | None,
+                target: Tensor, weights: Tensor, level: Tensor | None = None, n_levels: int = 1,
+                want_out: bool = False, native: bool | None = None,
+                workspace: Workspace | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Decode and score: (loss [E] = sum_l weights[l, e] sse[l, e], sse [L, E], rsum [E, d],
+    out [L, B, E, d] or None). On the native path the gradients come out of the same pass."""
+    if native is None:
+        native = use_native(values, W_dec, bias, base, target)
+    if level is not None:
+        level = level.to(device=values.device, dtype=torch.int32).contiguous()
+    if native:
+        loss, sse, rsum, out = NativeDecodeLoss.apply(values, W_dec, bias, base, indices.contiguous(), target, level,
+                                                      n_levels, weights, want_out, workspace)
+        return loss, sse, rsum, (out if want_out else None)
+    out, sse, rsum = torch_decode(values, W_dec, bias, base, indices, target, level, n_levels)
+    return (weights * sse).sum(0), sse.detach(), rsum, (out.detach() if want_out else None)
+
 
 def use_native(x: Tensor, *params: Tensor | None) -> bool:
     return _native.usable(x, *params)

@@ -186,14 +186,20 @@ class EnsembleTrainer:
         sel = self.selection(dead if any_dead else None)
         tv = (hb - hb.mean(0)).pow(2).sum().clamp(min=1e-12)
         ws = self.ws
+        for p in self.params:
+            if id(p) not in self.sink_ids:
+                p.grad = None
+        if ws is not None:
+            ws.begin_step()  # the fused decoder writes its gradients during the forward
         enc = sparse_ops.encode(xb, model.W_enc, model.b_enc, model.log_threshold, sel,
                                 bandwidth=cfg.jumprelu_bandwidth, native=self.native, workspace=ws)
         base = model.skip_term(xb)
-        out, sse, rsum = sparse_ops.decode(enc.values, enc.indices, model.W_dec, model.b_dec, base, target=hb,
-                                           level=model.level, n_levels=model.cfg.n_levels(), native=self.native,
-                                           workspace=ws, key="main")
-        fvu = sse / tv  # [L, E]
-        loss_e = fvu.mean(0)
+        L = model.cfg.n_levels()
+        weights = (1.0 / (L * tv)).expand(L, E)  # loss_e = mean over Matryoshka levels of the FVU
+        loss_e, sse, rsum, out = sparse_ops.decode_loss(
+            enc.values, enc.indices, model.W_dec, model.b_dec, base, hb, weights, level=model.level, n_levels=L,
+            want_out=enc.aux_values is not None, native=self.native, workspace=ws)
+        fvu = sse.detach() / tv  # [L, E]
         if model.log_threshold is not None:
             loss_e = loss_e + cfg.l0_coef * enc.l0
         aux = torch.zeros(E, device=xb.device)
@@ -208,11 +214,6 @@ class EnsembleTrainer:
             aux = torch.where(n_dead > 0, scale * asse / var_r, torch.zeros_like(asse))
             loss_e = loss_e + cfg.aux_coef * aux
         loss = loss_e.sum()
-        for p in self.params:
-            if id(p) not in self.sink_ids:
-                p.grad = None
-        if ws is not None:
-            ws.begin_step()
         loss.backward()
         if ws is not None:
             ws.finish_step()

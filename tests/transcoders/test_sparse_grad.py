@@ -151,3 +151,28 @@ def test_workspace_sinks_give_autograd_gradients():
     got = run(sparse_ops.Workspace([model.W_enc, model.b_enc, model.W_dec, model.b_dec]))
     for name in ref:
         assert torch.allclose(got[name], ref[name], atol=1e-5, rtol=1e-5), name
+
+
+@needs_native
+@pytest.mark.parametrize("matryoshka", [None, (16, 40)])
+def test_fused_decode_loss_matches_autograd(matryoshka):
+    """The fused decoder+loss (gradients computed in the forward) == autograd of the torch path,
+    including per-member loss weights != 1 downstream and the skip path."""
+    model = small_model(k=(3, 4, 5, 6), skip=True, matryoshka=matryoshka)
+    L = model.cfg.n_levels()
+    x, h = torch.randn(27, model.cfg.d_in), torch.randn(27, model.cfg.d_out)
+    weights = torch.rand(L, model.n_members) + 0.1
+    downstream = torch.tensor([1.0, 0.5, 2.0, 1.0])
+    res = []
+    for native in (True, False):
+        model.zero_grad()
+        enc = sparse_ops.encode(x, model.W_enc, model.b_enc, None, Selection("topk", k=model.k_tensor), native=native)
+        loss, sse, rsum, out = sparse_ops.decode_loss(enc.values, enc.indices, model.W_dec, model.b_dec,
+                                                      model.skip_term(x), h, weights, level=model.level,
+                                                      n_levels=L, want_out=True, native=native)
+        (loss * downstream).sum().backward()
+        res.append((loss.detach(), sse, rsum, out, _grads(model)))
+    for a, b, what in zip(res[0][:4], res[1][:4], ("loss", "sse", "rsum", "out")):
+        assert_close(a, b, 1e-5, what)
+    for name in res[1][4]:
+        assert_close(res[0][4][name], res[1][4][name], 1e-4, f"grad {name}")
