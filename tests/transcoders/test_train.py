@@ -91,3 +91,21 @@ def test_boundary_errors():
         train_ensemble(x, h[:, :5], ecfg, TrainConfig(), progress=False)
     with pytest.raises(ValueError, match="fewer than one batch"):
         train_ensemble(x[:10], h[:10], ecfg, TrainConfig(batch_size=64), progress=False)
+
+
+def test_torch_path_trains_like_native(monkeypatch):
+    """The device-agnostic torch path (what CUDA runs) and the CPU kernels train the same model."""
+    from sae_cxr.transcoders import _native
+
+    if not _native.available():
+        pytest.skip("CPU kernels unavailable")
+    x, h = _data(seed=11)
+    ecfg = EnsembleConfig(d_in=24, d_out=20, n_members=2, n_latents=32, k=(3, 5), matryoshka=(8, 32))
+    tcfg = TrainConfig(batch_size=32, samples=6 * 32, dead_window=32)
+    native, hn = train_ensemble(x, h, ecfg, tcfg, progress=False)
+    monkeypatch.setenv("SAE_CXR_NATIVE", "0")
+    torch_model, ht = train_ensemble(x, h, ecfg, tcfg, progress=False)
+    assert hn.backend == "native" and ht.backend == "torch"
+    for name, t in torch_model.state_tensors().items():
+        a = native.state_tensors()[name]
+        assert float((a - t).norm() / t.norm().clamp(min=1e-12)) < 1e-3, name
