@@ -145,5 +145,11 @@ def ptr(t: Tensor | None) -> int | None:
     return t.data_ptr()
 
 
-def nthreads() -> int:
-    return max(1, torch.get_num_threads())
+SMALL_WORK = 1 << 21
+"""Below this many elementary operations a kernel runs on one thread: forking a team costs more
+than it saves, and on a shared machine a parallel region waits for its slowest (descheduled) thread."""
+
+
+def nthreads(work: float = float("inf")) -> int:
+    """Threads for a kernel doing about `work` operations (torch's thread count when large)."""
+    return 1 if work < SMALL_WORK else max(1, torch.get_num_threads())

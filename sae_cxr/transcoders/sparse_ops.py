@@ -155,7 +155,7 @@ def active_l0(values: Tensor) -> Tensor:
 def _native_select_chunk(pre: Tensor, B: int, n: int, m: int, e0: int, sel: Selection,
                          out_v: Tensor | None, out_i: Tensor | None, S: int, E: int,
                          chunks: list, bthr: Tensor | None) -> None:
-    lib, nt = _native.lib(), _native.nthreads()
+    lib, nt = _native.lib(), _native.nthreads(B * n * m)
     if sel.kind == "topk":
         k = sel.k[e0:e0 + n].contiguous()
         lib.sel_topk(pre.data_ptr(), B, n, m, k.data_ptr(), None, out_v.data_ptr(), out_i.data_ptr(),
@@ -191,7 +191,6 @@ def native_encode_forward(x: Tensor, W_enc: Tensor, b_enc: Tensor, sel: Selectio
     """Chunked GEMM + selection without autograd. Returns the tensors of an `Encoded`."""
     B, d_in = x.shape
     E, m, _ = W_enc.shape
-    lib, nt = _native.lib(), _native.nthreads()
     x = x.contiguous()
     eb = _chunk_members(B, m, E)
     buf = torch.empty(B * eb * m)
@@ -207,8 +206,10 @@ def native_encode_forward(x: Tensor, W_enc: Tensor, b_enc: Tensor, sel: Selectio
     chunks: list = []
     Wf = W_enc.detach()
     bf = b_enc.detach()
+    lib = _native.lib()
     for e0 in range(0, E, eb):
         n = min(eb, E - e0)
+        nt = _native.nthreads(B * n * m)
         pre = buf[: B * n * m].view(B, n * m)
         torch.mm(x, Wf[e0:e0 + n].reshape(n * m, d_in).t(), out=pre)
         lib.add_bias(pre.data_ptr(), B, n * m, bf[e0:e0 + n].data_ptr(), nt)
@@ -247,7 +248,7 @@ class NativeEncode(torch.autograd.Function):
         x, W_enc, v, i, av, ai, p, log_thr = ctx.saved_tensors
         B, d_in = x.shape
         E, m, _ = W_enc.shape
-        lib, nt = _native.lib(), _native.nthreads()
+        lib, nt = _native.lib(), _native.nthreads(v.numel() * d_in)
         need_x, need_W, need_b, need_t = ctx.needs_input_grad[:4]
         ws = ctx.ws
         sW = ws.sink(ctx.params[0]) if (need_W and ws is not None) else (None, False)
@@ -332,7 +333,7 @@ class NativeDecode(torch.autograd.Function):
                               _native.ptr(level), L, _native.ptr(None if bias is None else bias.detach().contiguous()),
                               _native.ptr(None if base is None else base.detach().contiguous()),
                               _native.ptr(None if target is None else target.contiguous()),
-                              out.data_ptr(), sse.data_ptr(), rsum.data_ptr(), _native.nthreads())
+                              out.data_ptr(), sse.data_ptr(), rsum.data_ptr(), _native.nthreads(B * E * max(S, 1) * d))
         ctx.save_for_backward(values, Wd, indices, level, out)
         ctx.has = (bias is not None, base is not None)
         ctx.ws = ws
@@ -367,7 +368,7 @@ class NativeDecode(torch.autograd.Function):
         _native.lib().dec_bwd(values.data_ptr(), indices.data_ptr(), B, E, S, Wd.data_ptr(), m, d,
                               _native.ptr(level), L, src.data_ptr(), _native.ptr(coef), gv.data_ptr(),
                               _native.ptr(gW), _native.ptr(gbias), _native.ptr(gbase), int(sW[1]), int(sb[1]),
-                              _native.nthreads())
+                              _native.nthreads(B * E * max(S, 1) * d))
         if sW[0] is not None:
             gW = None
         if sb[0] is not None:
@@ -415,7 +416,7 @@ class NativeDecodeLoss(torch.autograd.Function):
             _native.ptr(None if base is None else base.detach().contiguous()),
             _native.ptr(None if target is None else target.contiguous()), w.data_ptr(), _native.ptr(out),
             sse.data_ptr(), rsum.data_ptr(), gv.data_ptr(), _native.ptr(gW), _native.ptr(gbias), _native.ptr(gbase),
-            int(sW[1]), int(sb[1]), _native.nthreads())
+            int(sW[1]), int(sb[1]), _native.nthreads(B * E * max(S, 1) * d))
         loss = (w.double() * sse).sum(0).float()
         ctx.grads = (gv if need_v else None, gW, gbias, gbase)
         ctx.sinks = (sW[0] is not None, sb[0] is not None, sW[1], sb[1])

@@ -242,7 +242,7 @@ class EnsembleTrainer:
         W, g = model.W_dec, model.W_dec.grad
         sq = torch.zeros(E, dtype=torch.float64, device=W.device)
         if self.native:
-            lib, nt = _native.lib(), _native.nthreads()
+            lib, nt = _native.lib(), _native.nthreads(W.numel())
             if g is not None:
                 lib.dec_grad_post(g.data_ptr(), W.detach().data_ptr(), E, W.shape[1], W.shape[2], sq.data_ptr(), nt)
             for p in self.params:
@@ -272,7 +272,8 @@ class EnsembleTrainer:
     def _renormalize_decoder(self) -> None:
         W = self.model.W_dec
         if self.native:
-            _native.lib().renorm_rows(W.detach().data_ptr(), W.shape[0] * W.shape[1], W.shape[2], _native.nthreads())
+            _native.lib().renorm_rows(W.detach().data_ptr(), W.shape[0] * W.shape[1], W.shape[2],
+                                      _native.nthreads(W.numel()))
         else:
             self.model.normalize_decoder()
 
@@ -282,7 +283,7 @@ class EnsembleTrainer:
         if self.native:
             v, i = values.detach().contiguous(), indices.contiguous()
             _native.lib().fired_update(v.data_ptr(), i.data_ptr(), B, E, v.shape[-1], m,
-                                       self.since_fired.data_ptr(), B, _native.nthreads())
+                                       self.since_fired.data_ptr(), B, _native.nthreads(v.numel()))
             return
         act = values.detach() > 0
         gidx = (indices + torch.arange(E, device=values.device).view(1, E, 1) * m)[act]
