@@ -229,7 +229,7 @@ class TranscoderEnsemble(nn.Module):
             return Selection("threshold", thr_lat=self.log_threshold.detach().exp().contiguous())
         if cfg.activation == "batchtopk" and bool(torch.isfinite(self.batch_threshold).all()):
             return Selection("threshold", thr_mem=self.batch_threshold.contiguous())
-        return Selection("topk", k=self.k_tensor.cpu() if self.device.type == "cpu" else self.k_tensor)
+        return Selection("topk", k=self.k_tensor)
 
     def skip_term(self, x: Tensor) -> Tensor | None:
         """[B, E, d_out] = W_skip[e] x for every member (one GEMM), or None."""
@@ -238,10 +238,12 @@ class TranscoderEnsemble(nn.Module):
         E, do, di = self.W_skip.shape
         return (x @ self.W_skip.reshape(E * do, di).t()).view(x.shape[0], E, do)
 
-    def encode(self, x: Tensor) -> SparseCodes:
-        """x [B, d_in] -> sparse codes [B, E, K] (inference selection; BatchTopK uses its threshold)."""
-        _check_input(x, self.cfg.d_in)
-        with torch.no_grad():
+    def encode(self, x: Tensor, differentiable: bool = False) -> SparseCodes:
+        """x [B, d_in] -> sparse codes [B, E, K] (inference selection; BatchTopK uses its threshold).
+
+        differentiable=True keeps the graph (values w.r.t. x and the weights), e.g. for gradient maps."""
+        _check_input(x.detach(), self.cfg.d_in)
+        with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
             enc = sparse_ops.encode(x.to(self.W_enc.dtype), self.W_enc, self.b_enc, None, self.inference_selection())
         return SparseCodes(enc.values, enc.indices, self.cfg.n_latents)
 
@@ -255,9 +257,10 @@ class TranscoderEnsemble(nn.Module):
         out, _, _ = sparse_ops.decode(codes.values, codes.indices, self.W_dec, self.b_dec, base)
         return out[-1]
 
-    def forward(self, x: Tensor) -> EnsembleOutput:
-        codes = self.encode(x)
-        with torch.no_grad():
+    def forward(self, x: Tensor, differentiable: bool = False) -> EnsembleOutput:
+        """x [B, d_in] -> codes [B, E, K] and h_hat [B, E, d_out] (no graph unless differentiable)."""
+        codes = self.encode(x, differentiable)
+        with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
             h_hat = self.decode(codes, x)
         return EnsembleOutput(codes, h_hat)
 

@@ -602,6 +602,8 @@ def encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, log_threshold: Tensor | None
     """Select active latents for every member; differentiable w.r.t. W_enc, b_enc (and thresholds)."""
     if native is None:
         native = use_native(x, W_enc, b_enc)
+    if native and sel.kind == "batchtopk" and x.shape[0] * W_enc.shape[1] >= 2 ** 31:
+        native = False  # the kernel's candidate indices are int32
     if not native:
         return torch_encode(x, W_enc, b_enc, log_threshold, sel, bandwidth)
     lt = log_threshold if (sel.kind == "threshold" and sel.thr_lat is None and log_threshold is not None) else None

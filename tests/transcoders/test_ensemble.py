@@ -178,3 +178,14 @@ def test_config_validation():
     assert cfg.k == (1, 2)
     with pytest.raises(ValueError, match="unknown"):
         EnsembleConfig.from_dict({"d_in": 4, "d_out": 4, "typo": 1})
+
+
+def test_differentiable_forward_gives_input_gradients():
+    """Gradient maps downstream need d h_hat / d x through the (sparse) encoder."""
+    model = small_model(k=3)
+    x = torch.randn(6, model.cfg.d_in, requires_grad=True)
+    model(x, differentiable=True).h_hat[:, 1].sum().backward()
+    x2 = x.detach().clone().requires_grad_(True)
+    naive_member(model, 1, x2)[1].sum().backward()
+    assert_close(x.grad, x2.grad, 1e-5, "d h_hat / d x")
+    assert model(x).h_hat.grad_fn is None  # default: no graph
