@@ -239,9 +239,10 @@ static i64 row_topk(const float* restrict a, const uint8_t* restrict mask, i64 n
 }
 
 /* Row-wise TopK over a chunk pre [B, eb, m] (members e0..e0+eb of E), positive entries only.
- * kk[eb]: k per member; mask [eb, m] (uint8, optional): only these latents may be selected.
+ * kk[eb]: k per member; mask [eb, m] (uint8, optional): only these latents may be selected;
+ * bias [eb, m] (optional): added to pre IN PLACE first (so later selections on the chunk see it).
  * Writes slots [0, S) of out_v/out_i [B, E, S] at member e0+e; unused slots get v=0, idx=-1. */
-void sel_topk(const float* pre, i64 B, i64 eb, i64 m, const i64* kk, const uint8_t* mask,
+void sel_topk(float* pre, i64 B, i64 eb, i64 m, const i64* kk, const uint8_t* mask, const float* bias,
               float* out_v, i64* out_i, i64 E, i64 S, i64 e0, int nthreads) {
 #pragma omp parallel num_threads(nthreads)
     {
@@ -255,7 +256,13 @@ void sel_topk(const float* pre, i64 B, i64 eb, i64 m, const i64* kk, const uint8
             const uint8_t* mk = mask ? mask + e * m : NULL;
             float* ov = out_v + (b * E + e0 + e) * S;
             i64* oi = out_i + (b * E + e0 + e) * S;
-            i64 c = row_topk(pre + row * m, mk, m, k, ov, oi, cv, ci, gm);
+            float* a = pre + row * m;
+            if (bias) {  /* add the encoder bias in place: the row is then hot for the selection */
+                const float* be = bias + e * m;
+#pragma omp simd
+                for (i64 j = 0; j < m; j++) a[j] += be[j];
+            }
+            i64 c = row_topk(a, mk, m, k, ov, oi, cv, ci, gm);
             for (i64 s = c; s < S; s++) { ov[s] = 0.0f; oi[s] = -1; }
         }
         free(cv); free(ci); free(gm);

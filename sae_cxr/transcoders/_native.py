@@ -38,7 +38,7 @@ _F = ctypes.c_float
 _INT = ctypes.c_int
 
 _SIGNATURES = {
-    "sel_topk": [_P, _I, _I, _I, _P, _P, _P, _P, _I, _I, _I, _INT],
+    "sel_topk": [_P, _I, _I, _I, _P, _P, _P, _P, _P, _I, _I, _I, _INT],
     "batch_kth": [_P, _I, _I, _I, _P, _P, _INT],
     "sel_threshold": [_P, _I, _I, _I, _P, _P, _F, _INT, _P, _P, _P, _P, _I, _I, _I, _INT],
     "dec_fwd": [_P, _P, _I, _I, _I, _P, _I, _I, _P, _I, _P, _P, _P, _P, _P, _P, _INT],

@@ -19,6 +19,7 @@ one output per prefix, out[l] = bias + base - target + sum of slots with level <
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -27,9 +28,10 @@ from torch import Tensor
 
 from sae_cxr.transcoders import _native
 
-CHUNK_BYTES = 8 << 20
-"""Size of one chunk of pre-activations on the native path: small enough to stay in the L3 cache
-while it is selected from, large enough for an efficient GEMM."""
+CHUNK_BYTES = int(os.environ.get("SAE_CXR_CHUNK_MB", "32")) << 20
+"""Size of one chunk of pre-activations on the native path (SAE_CXR_CHUNK_MB, default 32): about
+the L3 cache, so the selection reads what the GEMM just wrote, and few enough chunks that a step
+has few parallel regions (on a shared machine each region waits for its slowest thread)."""
 
 
 @dataclass
@@ -154,13 +156,15 @@ def active_l0(values: Tensor) -> Tensor:
 
 def _native_select_chunk(pre: Tensor, B: int, n: int, m: int, e0: int, sel: Selection,
                          out_v: Tensor | None, out_i: Tensor | None, S: int, E: int,
-                         chunks: list, bthr: Tensor | None) -> None:
+                         chunks: list, bthr: Tensor | None, bias: Tensor) -> None:
+    """Select from a chunk of pre-activations WITHOUT the bias; adds it (in place) first."""
     lib, nt = _native.lib(), _native.nthreads(B * n * m)
     if sel.kind == "topk":
         k = sel.k[e0:e0 + n].contiguous()
-        lib.sel_topk(pre.data_ptr(), B, n, m, k.data_ptr(), None, out_v.data_ptr(), out_i.data_ptr(),
-                     E, S, e0, nt)
+        lib.sel_topk(pre.data_ptr(), B, n, m, k.data_ptr(), None, bias.data_ptr(), out_v.data_ptr(),
+                     out_i.data_ptr(), E, S, e0, nt)
         return
+    lib.add_bias(pre.data_ptr(), B, n * m, bias.data_ptr(), nt)
     thr_lat = thr_mem = None
     if sel.kind == "batchtopk":
         keep = (sel.k[e0:e0 + n] * B).contiguous()
@@ -212,11 +216,10 @@ def native_encode_forward(x: Tensor, W_enc: Tensor, b_enc: Tensor, sel: Selectio
         nt = _native.nthreads(B * n * m)
         pre = buf[: B * n * m].view(B, n * m)
         torch.mm(x, Wf[e0:e0 + n].reshape(n * m, d_in).t(), out=pre)
-        lib.add_bias(pre.data_ptr(), B, n * m, bf[e0:e0 + n].data_ptr(), nt)
-        _native_select_chunk(pre, B, n, m, e0, sel, out_v, out_i, S, E, chunks, bthr)
-        if Sa:
-            lib.sel_topk(pre.data_ptr(), B, n, m, aux_k[e0:e0 + n].data_ptr(),
-                         aux_mask[e0:e0 + n].data_ptr(), aux_v.data_ptr(), aux_i.data_ptr(), E, Sa, e0, nt)
+        _native_select_chunk(pre, B, n, m, e0, sel, out_v, out_i, S, E, chunks, bthr, bf[e0:e0 + n])
+        if Sa:  # the bias is in `pre` by now
+            lib.sel_topk(pre.data_ptr(), B, n, m, aux_k[e0:e0 + n].data_ptr(), aux_mask[e0:e0 + n].data_ptr(),
+                         None, aux_v.data_ptr(), aux_i.data_ptr(), E, Sa, e0, nt)
     pre_slots = None
     if sel.kind != "topk":
         out_v, out_i, pre_slots = _pad_assemble(chunks, B, E, x.device, sel.window > 0)
