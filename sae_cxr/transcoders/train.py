@@ -157,7 +157,7 @@ class EnsembleTrainer:
         self.aux_k = int(cfg.aux_k if cfg.aux_k is not None else max(1, ecfg.d_out // 2))
         self.aux_k = min(self.aux_k, m)
         self.step_count = 0
-        self.k_cpu = model.k_tensor.to(dev)
+        self.k_dev = model.k_tensor.to(dev)
         self.native = sparse_ops.use_native(torch.empty(0, device=dev), model.W_enc)
         # native path: gradients of the sparse parameters are written in place (see Workspace)
         self.ws = (sparse_ops.Workspace([model.W_enc, model.b_enc, model.W_dec, model.b_dec])
@@ -171,9 +171,9 @@ class EnsembleTrainer:
             aux_k = int(min(self.aux_k, int(dead.sum(1).max())))
             aux_mask = dead if aux_k > 0 else None
         if act == "topk":
-            return Selection("topk", k=self.k_cpu, aux_k=aux_k, aux_mask=aux_mask)
+            return Selection("topk", k=self.k_dev, aux_k=aux_k, aux_mask=aux_mask)
         if act == "batchtopk":
-            return Selection("batchtopk", k=self.k_cpu, aux_k=aux_k, aux_mask=aux_mask)
+            return Selection("batchtopk", k=self.k_dev, aux_k=aux_k, aux_mask=aux_mask)
         return Selection("threshold", window=self.cfg.jumprelu_bandwidth / 2, aux_k=aux_k, aux_mask=aux_mask)
 
     def step(self, xb: Tensor, hb: Tensor, lr: float | None = None) -> dict[str, Tensor]:
@@ -248,6 +248,8 @@ class EnsembleTrainer:
             for p in self.params:
                 if p is W or p.grad is None:
                     continue
+                if not p.grad.is_contiguous():
+                    p.grad = p.grad.contiguous()
                 lib.member_sqnorm(p.grad.data_ptr(), E, p.grad.numel() // E, sq.data_ptr(), nt)
             return sq.float()
         if g is not None:
