@@ -172,41 +172,49 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
 
 def deletion_curves(attr: Attributor, x: np.ndarray, finding: int, steps: int, repeats: int,
                     rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Probability after deleting the top-n (and n random) active patterns, and after keeping only the top-n.
+    """Logits after deleting the top-n (and n random) active patterns, and after keeping only the top-n.
 
     Top patterns are ranked by their contribution in the direction of the decision (for a positive
     logit the most positive first). Deleting removes their member-mean hidden parts: h' = relu(h - sum);
-    keeping only top-n removes all other active patterns' parts.
+    keeping only the top-n removes all other active patterns' parts. Logits, not probabilities: a
+    confident classifier saturates the sigmoid and would hide every effect.
     """
     h, parts, active = attr.hidden_parts(x)
     w2 = attr.W2[finding].numpy()
-    b2 = float(attr.head.fc2.bias[finding])
+    b2 = float(attr.head.fc2.bias[finding].detach())
     contrib = parts @ w2
     logit0 = float(h @ w2 + b2)
     sign = 1.0 if logit0 >= 0 else -1.0
     ranked = active[np.argsort(-(sign * contrib[active]), kind="stable")]
     n_max = min(steps, len(ranked))
 
-    def prob_without(removed: np.ndarray) -> float:
+    def logit_without(removed: np.ndarray) -> float:
         hp = np.maximum(h - parts[removed].sum(0), 0.0) if len(removed) else h
-        return float(sigmoid(hp @ w2 + b2))
+        return float(hp @ w2 + b2)
 
-    top = np.array([prob_without(ranked[:n]) for n in range(n_max + 1)])
+    top = np.array([logit_without(ranked[:n]) for n in range(n_max + 1)])
     rand = np.zeros(n_max + 1)
     for _ in range(repeats):
         perm = rng.permutation(ranked)
-        rand += np.array([prob_without(perm[:n]) for n in range(n_max + 1)])
+        rand += np.array([logit_without(perm[:n]) for n in range(n_max + 1)])
     rand /= max(repeats, 1)
-    keep = np.array([prob_without(ranked[n:]) for n in range(n_max + 1)])
-    return {"top": top, "random": rand, "keep_top": keep, "sign": np.array([sign]), "n_active": np.array([len(ranked)])}
+    keep = np.array([logit_without(ranked[n:]) for n in range(n_max + 1)])
+    return {"top": top, "random": rand, "keep_top": keep, "sign": np.array([sign]),
+            "n_active": np.array([len(ranked)])}
 
 
 def faithfulness(attr: Attributor, x: np.ndarray, findings: np.ndarray, cfg: AttributionConfig) -> dict[str, Any]:
-    """Deletion/insertion summary over predictions (x[i], findings[i])."""
+    """Deletion/insertion summary over predictions (x[i], findings[i]).
+
+    Per prediction, evidence removed after deleting n patterns = sign * (logit_0 - logit_n) / |logit_0|
+    (1 = the whole decision-aligned logit gone; > 1 = the decision flipped). Comprehensiveness@n uses
+    the top-n patterns, random_deletion@n n random active ones, sufficiency@n keeps only the top-n
+    (lower = the top-n alone carry the decision). The same in probability is reported as well.
+    """
     rng = np.random.default_rng(cfg.seed)
     S = cfg.faithfulness_steps
     curves = [deletion_curves(attr, x[i], int(findings[i]), S, cfg.random_repeats, rng) for i in range(len(x))]
-    curves = [c for c in curves if len(c["top"]) > 1]
+    curves = [c for c in curves if len(c["top"]) > 1 and abs(c["top"][0]) > 1e-6]
     if not curves:
         return {"n": 0}
 
@@ -216,25 +224,28 @@ def faithfulness(attr: Attributor, x: np.ndarray, findings: np.ndarray, cfg: Att
     top = np.stack([pad(c["top"]) for c in curves])
     rand = np.stack([pad(c["random"]) for c in curves])
     keep = np.stack([pad(c["keep_top"]) for c in curves])
-    sign = np.array([c["sign"][0] for c in curves])
-    p0 = top[:, :1]
-    # drop towards the decision: for negative decisions a rising probability is the "drop"
-    drop_top = (p0 - top) * sign[:, None]
-    drop_rand = (p0 - rand) * sign[:, None]
-    suff = (p0 - keep) * sign[:, None]
-    out: dict[str, Any] = {"n": len(curves), "steps": S,
-                           "mean_curve_top": top.mean(0).round(4).tolist(),
-                           "mean_curve_random": rand.mean(0).round(4).tolist(),
-                           "mean_curve_keep_top": keep.mean(0).round(4).tolist()}
+    sign = np.array([c["sign"][0] for c in curves])[:, None]
+    l0 = top[:, :1]
+    removed_top = sign * (l0 - top) / np.abs(l0)
+    removed_rand = sign * (l0 - rand) / np.abs(l0)
+    removed_keep = sign * (l0 - keep) / np.abs(l0)
+    out: dict[str, Any] = {"n": len(curves), "steps": S, "units": "share of the decision-aligned logit removed",
+                           "mean_curve_top": removed_top.mean(0).round(4).tolist(),
+                           "mean_curve_random": removed_rand.mean(0).round(4).tolist(),
+                           "mean_curve_keep_top": removed_keep.mean(0).round(4).tolist()}
+    p0, ptop, prand = sigmoid(l0), sigmoid(top), sigmoid(rand)
     for n in (1, 5, 10, 20):
         if n <= S:
-            out[f"comprehensiveness@{n}"] = round(float(drop_top[:, n].mean()), 4)
-            out[f"random_deletion@{n}"] = round(float(drop_rand[:, n].mean()), 4)
-            out[f"sufficiency@{n}"] = round(float(suff[:, n].mean()), 4)
-    # area under the decision-aligned probability curve (lower = evidence leaves faster)
-    out["deletion_auc_top"] = round(float(np.trapezoid(top * sign[:, None] + (1 - sign[:, None]) / 2, axis=1).mean() / S), 4)
-    out["deletion_auc_random"] = round(float(np.trapezoid(rand * sign[:, None] + (1 - sign[:, None]) / 2, axis=1).mean() / S), 4)
-    out["top_vs_random_ratio@5"] = round(out.get("comprehensiveness@5", 0) / max(out.get("random_deletion@5", 0), 1e-9), 2)
+            out[f"comprehensiveness@{n}"] = round(float(np.median(removed_top[:, n])), 4)
+            out[f"random_deletion@{n}"] = round(float(np.median(removed_rand[:, n])), 4)
+            out[f"sufficiency@{n}"] = round(float(np.median(removed_keep[:, n])), 4)
+            out[f"probability_drop_top@{n}"] = round(float(np.mean(sign[:, 0] * (p0[:, 0] - ptop[:, n]))), 4)
+            out[f"probability_drop_random@{n}"] = round(float(np.mean(sign[:, 0] * (p0[:, 0] - prand[:, n]))), 4)
+            out[f"decision_flipped_top@{n}"] = round(float(np.mean(removed_top[:, n] > 1)), 4)
+    # area under the "evidence removed" curve, per step (higher = evidence leaves faster)
+    out["deletion_area_top"] = round(float(np.trapezoid(np.clip(removed_top, 0, 2), axis=1).mean() / S), 4)
+    out["deletion_area_random"] = round(float(np.trapezoid(np.clip(removed_rand, 0, 2), axis=1).mean() / S), 4)
+    out["top_vs_random@5"] = round(out.get("comprehensiveness@5", 0) / max(abs(out.get("random_deletion@5", 0)), 1e-3), 1)
     out["n_active_patterns_median"] = float(np.median([c["n_active"][0] for c in curves]))
     return out
 
@@ -251,9 +262,10 @@ def _plot_deletion(f: dict[str, Any], path) -> None:
     fig, ax = plt.subplots(figsize=(5.2, 3.6))
     ax.plot(n, f["mean_curve_top"], "o-", color="#e63946", label="delete top-n patterns")
     ax.plot(n, f["mean_curve_random"], "s--", color="#457b9d", label="delete n random active patterns")
-    ax.plot(n, f["mean_curve_keep_top"], "^-", color="#2a9d8f", label="keep only top-n patterns")
+    ax.plot(n, f["mean_curve_keep_top"], "^-", color="#2a9d8f", label="keep only top-n (evidence lost)")
+    ax.axhline(1.0, color="grey", lw=0.8, ls=":")
     ax.set_xlabel("patterns deleted / kept (n)")
-    ax.set_ylabel("mean probability of the finding")
+    ax.set_ylabel("share of the decision's logit removed")
     ax.set_title(f"deletion curves over {f['n']} predictions")
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -47,9 +47,12 @@ class PatternEvidence:
     """Where the pattern's spatial map peaks, e.g. "right lower zone"; None without a map."""
     share: float = 0.0
     """|contribution| / sum of |contribution| over all active patterns of this prediction, in [0, 1]."""
+    merged_ids: tuple[int, ...] = ()
+    """When several patterns with the same name are cited as one item: all their ids (strongest first)."""
 
     def __post_init__(self) -> None:
         self.pattern_id = int(self.pattern_id)
+        self.merged_ids = tuple(int(i) for i in self.merged_ids)
         self.contribution = float(self.contribution)
         self.activation = float(self.activation)
         self.share = float(self.share)

@@ -510,7 +510,36 @@ def clinician_name(p: PatternEvidence) -> str:
     if is_unnamed(p):
         return f"pattern {p.pattern_id} (unnamed{', ' + p.category if p.category else ''})"
     cat = f", {p.category}" if p.category else ""
-    return f"\"{p.label.strip()}\" (pattern {p.pattern_id}{cat})"  # type: ignore[union-attr]
+    ids = f"patterns {', '.join(map(str, p.merged_ids))}" if len(p.merged_ids) > 1 else f"pattern {p.pattern_id}"
+    return f"\"{p.label.strip()}\" ({ids}{cat})"  # type: ignore[union-attr]
+
+
+def merge_same_name(patterns: Iterable[PatternEvidence]) -> list[PatternEvidence]:
+    """One item per (name, direction): patterns that a labeler gave the same name (feature splits of one
+    finding, or members of one concept) are cited together with their summed contribution and share,
+    at the location of the strongest. Unnamed patterns stay separate."""
+    groups: dict[tuple[str, str, bool], list[PatternEvidence]] = {}
+    singles: list[PatternEvidence] = []
+    for p in patterns:
+        if is_unnamed(p):
+            singles.append(p)
+            continue
+        key = (p.label.strip().lower(), p.category or "", p.contribution > 0)  # type: ignore[union-attr]
+        groups.setdefault(key, []).append(p)
+    out = list(singles)
+    for members in groups.values():
+        members = _ranked(members)
+        if len(members) == 1:
+            out.append(members[0])
+            continue
+        top = members[0]
+        out.append(PatternEvidence(
+            pattern_id=top.pattern_id, contribution=sum(m.contribution for m in members),
+            activation=top.activation, label=top.label, category=top.category, description=top.description,
+            verification=top.verification, flagged=any(m.flagged for m in members),
+            location=next((m.location for m in members if m.location), None),
+            share=min(1.0, sum(m.share for m in members)), merged_ids=tuple(m.pattern_id for m in members)))
+    return out
 
 
 def _clinician_item(p: PatternEvidence, config: ExplainConfig) -> str:
@@ -531,7 +560,7 @@ def select_evidence(decomp: Decomposition, config: ExplainConfig
                     ) -> tuple[list[PatternEvidence], list[PatternEvidence]]:
     """(primary, secondary): the patterns on the decision's side and on the other side, strongest first."""
     decision = decision_of(decomp, config)
-    eligible = [p for p in decomp.patterns if p.share >= config.min_share and p.contribution != 0.0]
+    eligible = [p for p in merge_same_name(decomp.patterns) if p.share >= config.min_share and p.contribution != 0.0]
     support = _ranked(p for p in eligible if p.contribution > 0)
     counter = _ranked(p for p in eligible if p.contribution < 0)
     primary, secondary = (support, counter) if decision else (counter, support)
@@ -570,7 +599,7 @@ def compose(decomp: Decomposition, audience: str = "clinician", config: ExplainC
     text = " ".join(s for _, s in parts)
     mentioned = ex.extract(text).findings | {decomp.finding}
     return Explanation(text=text, audience=audience, finding=decomp.finding, record_id=decomp.record_id,
-                       cited_patterns=[p.pattern_id for p in cited],
+                       cited_patterns=[i for p in cited for i in (p.merged_ids or (p.pattern_id,))],
                        cited_findings=[f for f in FINDINGS if f in mentioned],
                        template_version=TEMPLATE_VERSION, decision=decision, probability=decomp.probability,
                        parts=parts)

@@ -266,10 +266,16 @@ class EmbeddingStore:
         self.grid: tuple[int, int] | None = tuple(self.index["grid"]) if self.index.get("grid") else None
         self.backbone_info: dict[str, Any] = self.index["backbone"]
         self._cache: dict[str, np.ndarray] = {}
+        self._verified: dict[str, Path] = {}
 
     def _shard_path(self, sh: dict[str, Any]) -> Path:
+        """The shard's path, its checksum verified once per store (not on every read)."""
         rel = f"{EMB_DIR}/{sh['file']}"
-        return self.run.verify(rel) if self.verify else self.run.sub(rel)
+        if not self.verify:
+            return self.run.sub(rel)
+        if rel not in self._verified:
+            self._verified[rel] = self.run.verify(rel)
+        return self._verified[rel]
 
     def _column(self, key: str) -> np.ndarray:
         if key not in self._cache:

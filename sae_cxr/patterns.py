@@ -92,7 +92,10 @@ class LatentStats:
 
 
 def latent_stats(ensemble, x: torch.Tensor, cfg: PatternConfig) -> LatentStats:
-    """Frequency, mean activation and co-activation profile of every latent on probe inputs x [N, d_in]."""
+    """Frequency, mean activation and co-activation profile of every latent on probe inputs x [N, d_in].
+
+    The profile is A^T R for the [N, E*m] activation matrix A and a Gaussian R [N, r] / sqrt(r), built
+    one batch at a time with a dense matmul (cheaper than scattering every active entry)."""
     E, m = ensemble.cfg.n_members, ensemble.cfg.n_latents
     N = len(x)
     g = torch.Generator().manual_seed(cfg.seed)
@@ -100,16 +103,12 @@ def latent_stats(ensemble, x: torch.Tensor, cfg: PatternConfig) -> LatentStats:
     count = torch.zeros(E * m)
     total = torch.zeros(E * m)
     profile = torch.zeros(E * m, cfg.profile_dims)
-    for s in range(0, N, cfg.batch_size):
-        codes = ensemble.encode(x[s:s + cfg.batch_size])
-        vals, idx = codes.values.float(), codes.indices
-        B = vals.shape[0]
-        flat = (idx.clamp(min=0) + torch.arange(E).view(1, E, 1) * m).reshape(B, -1)
-        v = torch.where(idx >= 0, vals, 0.0).reshape(B, -1)
-        count.index_add_(0, flat.reshape(-1), (v > 0).float().reshape(-1))
-        total.index_add_(0, flat.reshape(-1), v.reshape(-1))
-        rows = R[s:s + B].unsqueeze(1).expand(B, flat.shape[1], -1).reshape(-1, cfg.profile_dims)
-        profile.index_add_(0, flat.reshape(-1), rows * v.reshape(-1, 1))
+    step = max(1, min(cfg.batch_size, 4_000_000 // (E * m)))
+    for s in range(0, N, step):
+        dense = ensemble.encode(x[s:s + step]).to_dense().reshape(-1, E * m).float()
+        count += (dense > 0).sum(0)
+        total += dense.sum(0)
+        profile.addmm_(dense.T, R[s:s + len(dense)])
     freq = (count / N).view(E, m).numpy()
     mean_active = (total / count.clamp(min=1)).view(E, m).numpy()
     return LatentStats(freq, mean_active, profile.numpy())
@@ -132,13 +131,26 @@ def match_features(ensemble, stats: LatentStats, alive: np.ndarray, cfg: Pattern
     return np.ascontiguousarray(np.concatenate(parts, axis=1), dtype=np.float32)
 
 
-def knn(features: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact inner-product k-NN of every row against all rows (FAISS)."""
+def knn(features: np.ndarray, k: int, exact_below: int = 8000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Inner-product k-NN of every row against all rows (FAISS): exact for small sets, IVF above.
+
+    Matching only needs the close neighbours (similarity above the threshold), which IVF with a
+    generous nprobe finds reliably; exact all-pairs search is quadratic in E x m."""
     import faiss
 
-    index = faiss.IndexFlatIP(features.shape[1])
+    n, d = features.shape
+    k = min(k, n)
+    if n < exact_below:
+        index = faiss.IndexFlatIP(d)
+    else:
+        nlist = int(2 ** round(np.log2(2 * np.sqrt(n))))
+        quantizer = faiss.IndexFlatIP(d)
+        index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+        rng = np.random.default_rng(seed)
+        index.train(features[rng.choice(n, size=min(n, 64 * nlist), replace=False)])
+        index.nprobe = max(8, nlist // 8)
     index.add(features)
-    sims, nbrs = index.search(features, min(k, len(features)))
+    sims, nbrs = index.search(features, k)
     return sims, nbrs
 
 

@@ -341,7 +341,7 @@ def _draw_concept(name: str, rng: np.random.Generator, g: dict[str, float]) -> d
         c["height"] = 0.05 + 0.14 * sev
     elif name == "pneumothorax":
         c["side"] = _side(rng)
-        c["width"] = 0.18 + 0.3 * sev  # fraction of the lung radius that has collapsed away from the wall
+        c["width"] = 0.22 + 0.3 * sev  # fraction of the lung radius that has collapsed away from the wall
     elif name == "scoliosis":
         c["amp"] = (0.025 + 0.04 * sev) * (1 if rng.random() < 0.5 else -1)
         c["phase"] = rng.uniform(-0.3, 0.3)
@@ -785,8 +785,8 @@ def _render(cases: list[PhantomCase], size: int, tiles: np.ndarray) -> np.ndarra
         inner = 1.0 - c["width"]
         rim = np.clip((r - inner) / 0.04, 0, 1) * region * mask[i]
         marking_keep[i] -= rim
-        A[i] -= 0.08 * rim
-        A[i] += 0.16 * np.exp(-((r - inner) / 0.02) ** 2) * region * (r < 1.0)
+        A[i] -= 0.13 * rim
+        A[i] += 0.22 * np.exp(-((r - inner) / 0.02) ** 2) * region * (r < 1.0)
     A += 0.2 * markings * lungs_total * np.clip(marking_keep, 0, 1)
 
     # Mediastinum, trachea, aortic knob, heart resting on the diaphragm.
@@ -869,7 +869,7 @@ def _render(cases: list[PhantomCase], size: int, tiles: np.ndarray) -> np.ndarra
     for i, c in zip(idx, C):
         g = cases[i].geom
         d = np.sqrt((U[0] - g["cx"] - c["cu"]) ** 2 + (V[0] - c["cv"] - g["dy"]) ** 2)
-        A[i] += (0.55 + 0.25 * c["severity"]) * _ramp(d - c["r"], max(0.6 / S, 0.25 * c["r"]))
+        A[i] += (0.7 + 0.25 * c["severity"]) * _ramp(d - c["r"], max(0.6 / S, 0.25 * c["r"]))
 
     idx, C = _having(cases, "pleural_effusion")
     for i, c in zip(idx, C):
