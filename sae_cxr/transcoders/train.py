@@ -76,6 +76,12 @@ class TrainConfig:
     """JumpReLU: width of the rectangle kernel of the threshold pseudo-gradient (normalised units)."""
     batchtopk_momentum: float = 0.99
     """BatchTopK: EMA momentum of the inference threshold estimated from the training batches."""
+    input_reconstruction: float = 0.0
+    """Weight of an auxiliary reconstruction of the (normalised) INPUT x by the same sparse code: each
+    member learns a second decoder for x next to its decoder for h, and only the h decoder is kept.
+    Concepts that the head uses weakly still shape the latents (they carry x's variance), so more of
+    the input's structure becomes patterns; the kept model is an ordinary transcoder and the exact
+    attribution identity is untouched. 0 trains a pure transcoder."""
     checkpoint_every: int = 200
     """Steps between checkpoints (with checkpoint_dir)."""
     log_every: int = 10
@@ -386,6 +392,10 @@ def _train(x: Tensor, h: Tensor, ensemble_cfg: EnsembleConfig, cfg: TrainConfig,
     norm = Normalization.fit(x, h) if cfg.normalize else Normalization.identity(x.shape[1], h.shape[1])
     x_n = norm.x(x).to(dev)
     h_n = norm.h(h).to(dev)
+    d_out = ensemble_cfg.d_out
+    if cfg.input_reconstruction > 0:  # targets [h, alpha x]; the x half of the decoder is dropped at the end
+        h_n = torch.cat([h_n, cfg.input_reconstruction * x_n], dim=1)
+        ensemble_cfg = dataclasses.replace(ensemble_cfg, d_out=d_out + ensemble_cfg.d_in)
 
     model = TranscoderEnsemble(ensemble_cfg, device=dev)
     steps_per_epoch = N // cfg.batch_size
@@ -453,5 +463,23 @@ def _train(x: Tensor, h: Tensor, ensemble_cfg: EnsembleConfig, cfg: TrainConfig,
     finally:
         bar.close()
     history.wall_s = time.perf_counter() - t0
+    if model.cfg.d_out != d_out:
+        model = keep_outputs(model, d_out)
     return fold_normalization(model, norm), history
+
+
+@torch.no_grad()
+def keep_outputs(model: TranscoderEnsemble, d_out: int) -> TranscoderEnsemble:
+    """The same ensemble with only the first `d_out` output dimensions (drops an auxiliary decoder)."""
+    cfg = dataclasses.replace(model.cfg, d_out=d_out)
+    out = TranscoderEnsemble(cfg, device=model.device, init=False)
+    for name, t in model.state_tensors().items():
+        if name == "W_dec":
+            t = t[..., :d_out]
+        elif name == "b_dec":
+            t = t[:, :d_out]
+        elif name == "W_skip":
+            t = t[:, :d_out]
+        getattr(out, name).copy_(t)
+    return out
 

@@ -109,3 +109,25 @@ def test_torch_path_trains_like_native(monkeypatch):
     for name, t in torch_model.state_tensors().items():
         a = native.state_tensors()[name]
         assert float((a - t).norm() / t.norm().clamp(min=1e-12)) < 1e-3, name
+
+
+def test_input_reconstruction_keeps_an_ordinary_transcoder():
+    """With the auxiliary x decoder the returned model still maps x -> h (raw units), with d_out outputs,
+    and reconstructs h about as well as a pure transcoder."""
+    from sae_cxr.transcoders.ensemble import EnsembleConfig
+    from sae_cxr.transcoders.synthetic import synthetic_pairs
+    from sae_cxr.transcoders.train import TrainConfig, train_ensemble
+
+    pairs = synthetic_pairs(n=1024, d_in=32, d_out=24, n_concepts=12, seed=0)
+    x, h = pairs.x, pairs.h
+    cfg = EnsembleConfig(d_in=32, d_out=24, n_members=3, n_latents=64, k=8)
+    pure, _ = train_ensemble(x, h, cfg, TrainConfig(epochs=10, batch_size=128), progress=False)
+    aux, _ = train_ensemble(x, h, cfg, TrainConfig(epochs=10, batch_size=128, input_reconstruction=1.0),
+                            progress=False)
+    assert aux.cfg.d_out == 24 and aux.W_dec.shape == (3, 64, 24)
+
+    def fvu(model):
+        hh = model(torch.as_tensor(x)).h_hat
+        return float(((hh - torch.as_tensor(h)[:, None]) ** 2).sum() / (3 * ((torch.as_tensor(h) - torch.as_tensor(h).mean(0)) ** 2).sum()))
+
+    assert fvu(aux) < 0.5 and fvu(aux) < 2.0 * fvu(pure) + 0.05
