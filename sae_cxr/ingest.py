@@ -49,6 +49,12 @@ def load_dataset(cfg: DataConfig, run: RunDir | None = None, workers: int | None
 
 def ingest(run: RunDir, cfg: DataConfig, seed: int = 0) -> tuple[list[str], dict[str, Any]]:
     ds = load_dataset(cfg, run)
+    if cfg.source == "phantom":  # the images live inside the run: store paths relative to it (relocatable)
+        for r in ds.records:
+            r.path = run.rel(r.path) if r.path else r.path
+        ds.spec = {"kind": "folder", "csv": f"{PHANTOM_DIR}/metadata.csv", "image_root": PHANTOM_DIR,
+                   "uncertainty": "ignore", "skip_bad": False, "relative_to_run": True,
+                   "phantom": cfg.phantom.to_dict()}
     write_records(run, ds)
     outputs = [RECORDS]
     if cfg.source == "phantom":
@@ -84,6 +90,10 @@ def open_run_dataset(run: RunDir) -> DataSet:
     df = read_records_table(run)
     loaders = _loaders_for(spec, df)
     records: list[Record] = [record_from_row(row, loaders.get(row["id"])) for row in df.to_dict("records")]
+    if spec.get("relative_to_run"):
+        for r in records:
+            if r.path and not os.path.isabs(r.path):
+                r.path = str(run.path / r.path)
     return DataSet(records, spec=spec)
 
 
