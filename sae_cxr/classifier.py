@@ -198,9 +198,9 @@ def load_head(run: RunDir) -> ClassifierHead:
     from safetensors.torch import load_file
 
     run.require("train-classifier")
-    meta = json.loads(run.verify(CONFIG).read_text())
+    meta = run.load_verified(CONFIG, lambda p: json.loads(p.read_text()))
     head = ClassifierHead(meta["d_in"], meta["hidden"], len(meta["findings"]))
-    head.load_state_dict(load_file(str(run.verify(WEIGHTS))))
+    head.load_state_dict(run.load_verified(WEIGHTS, lambda p: load_file(str(p))))
     return head.eval()
 
 

@@ -14,6 +14,7 @@ by the shard size and the batch size, never by the data set.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -150,6 +151,7 @@ def encode_records(backbone: Backbone, records: Sequence[Record], cfg: ExtractCo
             timing.images += b
         t_wait = time.perf_counter()
     image[valid == 0] = 0.0
+    _check_finite(image, valid, records, "image", skip_bad)
     out = {"image": image, "valid": valid}
     if backbone.has_text:
         reports = [r.report for r in records]
@@ -158,12 +160,30 @@ def encode_records(backbone: Backbone, records: Sequence[Record], cfg: ExtractCo
         for s in range(0, len(have), 256):
             idx = have[s:s + 256]
             text[idx] = backbone.encode_texts([reports[i] for i in idx]).float().cpu().numpy()
+        _check_finite(text, valid, records, "report", skip_bad)
         out["text"] = text
         out["has_text"] = np.array([1 if t.strip() else 0 for t in reports], dtype=np.uint8)
     if patches is not None:
         out["patches"] = patches
         out["patch_rows"] = patch_rows.astype(np.int64)
     return out
+
+
+def _check_finite(emb: np.ndarray, valid: np.ndarray, records: Sequence[Record], what: str, skip_bad: bool) -> None:
+    """NaN/Inf embeddings (a backbone overflowing in half precision, a degenerate image) enter here:
+    name the records, or with skip_bad mark them unusable (valid = 0) and zero them, as for unreadable images."""
+    bad = np.flatnonzero((valid == 1) & ~np.isfinite(emb).all(axis=1))
+    if not len(bad):
+        return
+    ids = [records[i].id for i in bad[:10]]
+    more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
+    if not skip_bad:
+        raise ValueError(f"the backbone returned NaN/Inf {what} embeddings for {len(bad)} record(s): "
+                         f"{', '.join(ids)}{more}; check those images (or the backbone's precision), "
+                         "or use --skip-bad to leave them out")
+    log.warning("NaN/Inf %s embeddings for %d record(s), marked unusable: %s%s", what, len(bad), ", ".join(ids), more)
+    valid[bad] = 0
+    emb[bad] = 0.0
 
 
 class _null:
@@ -192,6 +212,8 @@ def run_extract(run: RunDir, cfg: ExtractConfig, records: Sequence[Record], skip
     keep = np.array([keep_splits is None or r.split in keep_splits for r in records], dtype=bool)
     out_dir = run.sub(EMB_DIR)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for leftover in out_dir.glob(".shard-*.tmp"):  # a killed extraction's half-written shard, never renamed
+        leftover.unlink(missing_ok=True)
     n = len(records)
     bounds = [(s, min(s + cfg.shard_size, n)) for s in range(0, n, cfg.shard_size)]
     shards, reused = [], 0
@@ -254,10 +276,12 @@ class EmbeddingStore:
 
     def __init__(self, run: RunDir, verify: bool = True):
         self.run = run
-        idx_path = run.verify(INDEX) if verify else run.sub(INDEX)
-        if not idx_path.exists():
+        idx_path = run.sub(INDEX)
+        if not verify and not idx_path.exists():
             raise FileNotFoundError(f"{idx_path} not found: run `sae-cxr extract --run {run.path}` first")
-        self.index = json.loads(idx_path.read_text())
+        if verify:
+            run.require("extract")
+        self.index = run.load_verified(INDEX, _read_json) if verify else _read_json(idx_path)
         self.verify = verify
         self.n: int = self.index["n"]
         self.dim: int = self.index["dim"]
@@ -274,16 +298,31 @@ class EmbeddingStore:
         if not self.verify:
             return self.run.sub(rel)
         if rel not in self._verified:
-            self._verified[rel] = self.run.verify(rel)
-        return self._verified[rel]
+            self._verified[rel] = self.run.verify_identity(rel)
+        return self._verified[rel][0]
+
+    @contextlib.contextmanager
+    def _open(self, sh: dict[str, Any]) -> Iterator[Any]:
+        """safe_open on a shard; on leaving, check that it is still the file whose checksum was verified
+        (a stage redone next to a reader replaces files: the reader must not mix old and new bytes)."""
+        from safetensors import safe_open
+
+        path = self._shard_path(sh)
+        with safe_open(str(path), framework="np") as f:
+            yield f
+        self._check(sh)
+
+    def _check(self, sh: dict[str, Any]) -> None:
+        if self.verify:
+            path, ident = self._verified[f"{EMB_DIR}/{sh['file']}"]
+            if ident is not None:
+                self.run.check_unchanged(path, ident)
 
     def _column(self, key: str) -> np.ndarray:
         if key not in self._cache:
-            from safetensors import safe_open
-
             parts = []
             for sh in self.index["shards"]:
-                with safe_open(str(self._shard_path(sh)), framework="np") as f:
+                with self._open(sh) as f:
                     if key not in f.keys():
                         raise KeyError(f"embeddings have no {key!r} array (backbone without text tower?)")
                     parts.append(f.get_tensor(key))
@@ -320,24 +359,20 @@ class EmbeddingStore:
         """Rows that have stored patch tokens."""
         out = []
         for sh in self.index["shards"]:
-            from safetensors import safe_open
-
-            with safe_open(str(self._shard_path(sh)), framework="np") as f:
+            with self._open(sh) as f:
                 if "patch_rows" in f.keys():
                     out.append(f.get_tensor("patch_rows") + sh["start"])
         return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
     def patches(self, rows: Sequence[int]) -> np.ndarray:
         """Patch tokens [len(rows), P, D] float32 for rows that kept them (KeyError otherwise)."""
-        from safetensors import safe_open
-
         rows = [int(r) for r in rows]
         out: list[np.ndarray | None] = [None] * len(rows)
         for sh in self.index["shards"]:
             want = [(j, r - sh["start"]) for j, r in enumerate(rows) if sh["start"] <= r < sh["stop"]]
             if not want:
                 continue
-            with safe_open(str(self._shard_path(sh)), framework="np") as f:
+            with self._open(sh) as f:
                 if "patch_rows" not in f.keys():
                     raise KeyError(f"no patch tokens stored for rows {[rows[j] for j, _ in want][:5]}")
                 local = f.get_tensor("patch_rows")
@@ -354,7 +389,13 @@ class EmbeddingStore:
         from safetensors.numpy import load_file
 
         for sh in self.index["shards"]:
-            yield sh["start"], sh["stop"], load_file(str(self._shard_path(sh)))
+            arrays = load_file(str(self._shard_path(sh)))
+            self._check(sh)
+            yield sh["start"], sh["stop"], arrays
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
 
 
 def config_dict(cfg: ExtractConfig) -> dict[str, Any]:

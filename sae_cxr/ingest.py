@@ -79,7 +79,7 @@ def write_records(run: RunDir, ds: DataSet) -> Path:
 
 def read_records_table(run: RunDir) -> pd.DataFrame:
     run.require("data")
-    return pd.read_parquet(run.verify(RECORDS))
+    return run.load_verified(RECORDS, pd.read_parquet)
 
 
 def open_run_dataset(run: RunDir) -> DataSet:

@@ -144,17 +144,18 @@ def run_stage(run: RunDir, name: str, cfg: RunConfig, force: bool = False) -> di
         log.info("stage %s: up to date, skipped", name)
         info = run.stage(name)
         return {"skipped": True, **(info.summary if info else {})}
-    later = [s.name for s in STAGES[STAGES.index(stage) + 1:]]
-    run.invalidate(*later) if force else None
-    run.set_config("run", {"name": cfg.name, "seed": cfg.seed})
-    for key in stage.config_keys:
-        run.set_config(key, to_dict(getattr(cfg, key)))
-    run.begin_stage(name, h)
-    t0 = time.perf_counter()
-    result = stage.fn(run, cfg)
-    seconds = time.perf_counter() - t0
-    summary = {**result.summary, "seconds": round(seconds, 2)}
-    run.finish_stage(name, result.outputs, summary)
+    with run.stage_lock(name):  # one writer per stage; released by the kernel if we are killed
+        later = [s.name for s in STAGES[STAGES.index(stage) + 1:]]
+        run.invalidate(*later) if force else None
+        run.set_config("run", {"name": cfg.name, "seed": cfg.seed})
+        for key in stage.config_keys:
+            run.set_config(key, to_dict(getattr(cfg, key)))
+        run.begin_stage(name, h)
+        t0 = time.perf_counter()
+        result = stage.fn(run, cfg)
+        seconds = time.perf_counter() - t0
+        summary = {**result.summary, "seconds": round(seconds, 2)}
+        run.finish_stage(name, result.outputs, summary)
     log.info("stage %s: done in %.1f s", name, seconds)
     return summary
 

@@ -35,11 +35,12 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 MANIFEST = "manifest.json"
 RECORDS = "records.parquet"
 RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+T = TypeVar("T")
 
 
 class RunError(RuntimeError):
@@ -82,6 +83,16 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 def sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def file_identity(path: str | os.PathLike) -> tuple[int, int, int, int]:
+    """(device, inode, size, mtime_ns): changes when a file is replaced (atomic rename) or rewritten.
+
+    Readers compare it before hashing and after loading, so the bytes they parsed are the bytes
+    whose checksum they checked even while a stage rewrites the run next to them.
+    """
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -144,7 +155,7 @@ def _json_default(obj: Any) -> Any:
 
 def check_run_name(name: str) -> str:
     """Run names become directory names: refuse anything that could leave artifacts/."""
-    if not RUN_NAME_RE.match(name) or name in (".", ".."):
+    if not isinstance(name, str) or not RUN_NAME_RE.fullmatch(name) or name in (".", ".."):
         raise ValueError(f"run name {name!r} is not allowed: use letters, digits, '.', '_' and '-', "
                          "starting with a letter or digit")
     return name
@@ -276,8 +287,12 @@ class RunDir:
                 for f in sorted(p.rglob("*")):
                     if f.is_file() and not f.name.startswith("."):
                         files[self.rel(f)] = sha256_file(f)
+                    elif f.is_file() and f.name.endswith(".tmp"):  # left by a killed earlier attempt
+                        f.unlink(missing_ok=True)
             elif p.is_file():
                 files[self.rel(p)] = sha256_file(p)
+                for f in p.parent.glob(f".{p.name}.*.tmp"):
+                    f.unlink(missing_ok=True)
             else:
                 raise RunError(f"stage {name!r} claims output {out} but it was not written")
         with self._locked():
@@ -300,21 +315,100 @@ class RunDir:
 
     # -- integrity -----------------------------------------------------------------------------
     def verify(self, rel: str | os.PathLike) -> Path:
-        """Return the path of a recorded output after checking its sha256 against the manifest."""
+        """Return the path of a recorded output after checking its sha256 against the manifest.
+
+        A file that no finished stage recorded is refused while any stage is running or was
+        interrupted (it may be a leftover of the stage being redone); a checksum mismatch caused
+        by a stage rewriting the file right now is reported as such, not as corruption.
+        """
+        return self.verify_identity(rel)[0]
+
+    def verify_identity(self, rel: str | os.PathLike) -> tuple[Path, tuple[int, int, int, int] | None]:
+        """`verify`, also returning the file identity that was checked (None for an unrecorded file),
+        for readers that check it again after reading (`check_unchanged`)."""
         p = self.sub(rel)
         key = self.rel(p)
-        for s in self.manifest().get("stages", {}).values():
+        stages = self.manifest().get("stages", {})
+        for name, s in stages.items():
             expected = s.get("outputs", {}).get(key)
-            if expected is not None:
-                if not p.exists():
-                    raise RunError(f"{p} is recorded in the manifest but missing; rerun its stage")
-                actual = sha256_file(p)
+            if expected is None:
+                continue
+            try:
+                ident = file_identity(p)
+            except FileNotFoundError:
+                self._raise_if_rerunning(name, key, expected)
+                raise RunError(f"{p} is recorded in the manifest but missing; rerun stage {name!r}") from None
+            actual = sha256_file(p)
+            if actual != expected or file_identity(p) != ident:
+                self._raise_if_rerunning(name, key, expected)
                 if actual != expected:
                     raise CorruptFileError(p, expected, actual)
-                return p
+                raise StageMissingError(f"{p} changed while it was checked; is a stage writing run {self.path}?")
+            return p, ident
+        unfinished = sorted(n for n, s in stages.items() if s.get("status") != "done")
+        if unfinished:
+            raise StageMissingError(f"{p} is not a checksummed output of a finished stage, and stage(s) "
+                                    f"{', '.join(unfinished)} of run {self.path} are running or were interrupted; "
+                                    "wait for them or rerun them")
         if not p.exists():
             raise RunError(f"{p} does not exist in run {self.path}")
-        return p
+        return p, None
+
+    def _raise_if_rerunning(self, stage: str, key: str, expected: str) -> None:
+        """A stage that restarted since we read the manifest explains a changed or vanished file."""
+        s = self.manifest().get("stages", {}).get(stage)
+        if s is None or s.get("status") != "done" or s.get("outputs", {}).get(key) != expected:
+            raise StageMissingError(f"{self.path / key} is being rewritten: stage {stage!r} of run {self.path} "
+                                    "was restarted; wait for it to finish")
+
+    def load_verified(self, rel: str | os.PathLike, load: Callable[[Path], T]) -> T:
+        """`load(path)` of a recorded output whose checksum matched, guaranteed to have read those bytes.
+
+        The file's identity is taken before hashing and checked again after `load` returns: a file
+        replaced in between (a stage being redone) raises StageMissingError instead of handing back
+        unverified bytes. `load` must read everything it needs before it returns (no lazy mmap).
+        """
+        p, ident = self.verify_identity(rel)
+        out = load(p)
+        if ident is not None:
+            self.check_unchanged(p, ident)
+        return out
+
+    def check_unchanged(self, path: Path, ident: tuple[int, int, int, int]) -> None:
+        """Raise StageMissingError if `path` is no longer the file whose checksum was verified."""
+        try:
+            now = file_identity(path)
+        except FileNotFoundError:
+            now = None
+        if now != ident:
+            raise StageMissingError(f"{path} was replaced while it was read (a stage of run {self.path} is being "
+                                    "redone); read it again when the stage has finished")
+
+    # -- writers -------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def stage_lock(self, name: str) -> Iterator[None]:
+        """Hold the run's lock for stage `name`: a second process running the same stage fails fast.
+
+        The lock is an flock on .stage-<name>.lock, released by the kernel when the holder dies
+        (kill -9 included), so an interrupted stage never leaves a stale lock behind.
+        """
+        lock = self.path / f".stage-{name}.lock"
+        with open(lock, "a+") as f:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "another process"
+                raise RunError(f"stage {name!r} of run {self.path} is already running ({holder}); "
+                               "wait for it or stop it first") from None
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()} on {platform.node()} since {_now()}")
+            f.flush()
+            try:
+                yield
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
     def verify_all(self) -> list[str]:
         """Check every recorded file; return the relative paths that passed, raise on the first bad one."""
@@ -333,5 +427,21 @@ def list_runs(root: str | os.PathLike = "artifacts") -> list[Path]:
     r = Path(root)
     if not r.is_dir():
         return []
-    runs = [p for p in r.iterdir() if p.is_dir() and (p / MANIFEST).exists()]
+    base = r.resolve()
+    runs = [p for p in r.iterdir() if RUN_NAME_RE.fullmatch(p.name) and p.is_dir() and (p / MANIFEST).exists()
+            and base in p.resolve().parents]  # a symlink leading out of `root` is not listed
     return sorted(runs, key=lambda p: (p / MANIFEST).stat().st_mtime, reverse=True)
+
+
+def open_run(root: str | os.PathLike, name: str) -> RunDir:
+    """The run called `name` under `root`, for callers that take a name from a user (CLI, dashboard).
+
+    The name is checked (no separators, no '..'), and the resolved directory must stay inside
+    `root`: a symlink under artifacts/ pointing elsewhere is refused rather than followed.
+    """
+    check_run_name(name)
+    base = Path(root).resolve()
+    path = (base / name).resolve()
+    if base not in path.parents:
+        raise ValueError(f"run {name!r} resolves to {path}, outside {base}; refusing to open it")
+    return RunDir(path)

@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from sae_cxr.run import atomic_path, write_bytes_atomic
 from sae_cxr.transcoders import sparse_ops
 from sae_cxr.transcoders.sparse_ops import Selection
 
@@ -298,14 +299,11 @@ class TranscoderEnsemble(nn.Module):
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.contiguous().cpu() for k, v in self.state_tensors().items()}
-        tmp = d / "ensemble.safetensors.tmp"
-        save_file(tensors, str(tmp), metadata={"format": FORMAT, "version": str(FORMAT_VERSION)})
-        tmp.replace(d / "ensemble.safetensors")
+        with atomic_path(d / "ensemble.safetensors") as tmp:  # temp name, fsync, rename: never half-written
+            save_file(tensors, str(tmp), metadata={"format": FORMAT, "version": str(FORMAT_VERSION)})
         meta = {"format": FORMAT, "version": FORMAT_VERSION, "units": "raw",
                 "config": self.cfg.to_dict(), "metadata": metadata or {}}
-        tmpj = d / "config.json.tmp"
-        tmpj.write_text(json.dumps(meta, indent=2))
-        tmpj.replace(d / "config.json")
+        write_bytes_atomic(d / "config.json", json.dumps(meta, indent=2).encode())
         return d
 
     @classmethod

@@ -13,6 +13,8 @@ checkpoint lives in transcoders/checkpoint/ while training runs and is removed w
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import shutil
 from dataclasses import dataclass, field
@@ -93,7 +95,8 @@ def run_train_transcoders(run: RunDir, cfg: TranscoderStageConfig, seed: int = 0
     train_cfg = dataclasses.replace(cfg.train, batch_size=min(cfg.train.batch_size, len(tr)))
     device = resolve_device(cfg.device)
     ens, history = train_ensemble(x_tr, h_tr, ens_cfg, train_cfg, device=device,
-                                  checkpoint_dir=run.sub(CHECKPOINT_DIR), progress=progress)
+                                  checkpoint_dir=_checkpoint_dir(run, ens_cfg, train_cfg, x_tr, h_tr),
+                                  progress=progress)
     ens = ens.cpu() if hasattr(ens, "cpu") else ens
     ens.save(run.sub(TC_DIR))
     shutil.rmtree(run.sub(CHECKPOINT_DIR), ignore_errors=True)
@@ -119,7 +122,36 @@ def run_train_transcoders(run: RunDir, cfg: TranscoderStageConfig, seed: int = 0
     return [TC_DIR], summary
 
 
+def _checkpoint_dir(run: RunDir, ens_cfg: EnsembleConfig, train_cfg: TrainConfig, x: np.ndarray, h: np.ndarray):
+    """transcoders/checkpoint/<key>, the key digesting the configs and the training pairs.
+
+    A killed stage rerun with the same inputs resumes from its checkpoint; rerun with another config
+    or other data it starts afresh, and checkpoints of other inputs are removed (they could never be
+    resumed, and are large)."""
+    d = hashlib.sha256()
+    d.update(json.dumps({"ensemble": ens_cfg.to_dict(), "train": train_cfg.to_dict()}, sort_keys=True,
+                        default=str).encode())
+    for a in (x, h):
+        a = np.ascontiguousarray(a)
+        d.update(str(a.shape).encode() + str(a.dtype).encode())
+        d.update(memoryview(a).cast("B"))
+    key = d.hexdigest()[:16]
+    root = run.sub(CHECKPOINT_DIR)
+    if root.is_dir():
+        for other in root.iterdir():
+            if other.name != key:
+                if other.is_dir():
+                    shutil.rmtree(other, ignore_errors=True)
+                else:
+                    other.unlink(missing_ok=True)
+    return root / key
+
+
 def load_ensemble(run: RunDir, device: str = "cpu") -> TranscoderEnsemble:
     run.require("train-transcoders")
-    run.verify(f"{TC_DIR}/ensemble.safetensors")
-    return TranscoderEnsemble.load(run.sub(TC_DIR), device=device)
+    checked = [run.verify_identity(f"{TC_DIR}/{name}") for name in ("config.json", "ensemble.safetensors")]
+    model = TranscoderEnsemble.load(run.sub(TC_DIR), device=device)
+    for path, ident in checked:  # the bytes loaded are the bytes whose checksums matched
+        if ident is not None:
+            run.check_unchanged(path, ident)
+    return model

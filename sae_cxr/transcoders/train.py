@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
+import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,11 @@ from sae_cxr.transcoders.ensemble import (EnsembleConfig, Normalization, Transco
 from sae_cxr.transcoders.sparse_ops import Selection
 
 CHECKPOINT = "checkpoint.pt"
+CHECKSUMS = "checkpoint.pt.sha256"
+"""JSON list of the sha256 digests a checkpoint may have: the one being written and the one before it,
+so a kill at any instant leaves a checkpoint that matches (see `_save_checkpoint`)."""
+
+log = logging.getLogger("sae_cxr.transcoders")
 
 
 @dataclass
@@ -405,8 +411,8 @@ def _train(x: Tensor, h: Tensor, ensemble_cfg: EnsembleConfig, cfg: TrainConfig,
     history = TrainHistory(normalization=norm.to_dict(), backend="native" if trainer.native else "torch")
     fp = _fingerprint(x, h)
     ckpt = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
-    if ckpt is not None and ckpt.exists():
-        st = torch.load(ckpt, map_location="cpu", weights_only=False)
+    st = _load_checkpoint(ckpt) if ckpt is not None else None
+    if st is not None:
         if st["ensemble_cfg"] != ensemble_cfg.to_dict() or st["train_cfg"] != cfg.to_dict() or st["data"] != fp:
             raise ValueError(f"{ckpt} was written for another config or data set; delete it or use another directory")
         trainer.load_state_dict(st["trainer"])
@@ -419,11 +425,8 @@ def _train(x: Tensor, h: Tensor, ensemble_cfg: EnsembleConfig, cfg: TrainConfig,
     def save_ckpt() -> None:
         if ckpt is None:
             return
-        ckpt.parent.mkdir(parents=True, exist_ok=True)
-        tmp = ckpt.with_suffix(".tmp")
-        torch.save({"trainer": trainer.state_dict(), "history": history.to_dict(), "data": fp,
-                    "ensemble_cfg": ensemble_cfg.to_dict(), "train_cfg": cfg.to_dict()}, tmp)
-        os.replace(tmp, ckpt)
+        _save_checkpoint(ckpt, {"trainer": trainer.state_dict(), "history": history.to_dict(), "data": fp,
+                                "ensemble_cfg": ensemble_cfg.to_dict(), "train_cfg": cfg.to_dict()})
 
     from sae_cxr.progress import progress_bar
 
@@ -466,6 +469,47 @@ def _train(x: Tensor, h: Tensor, ensemble_cfg: EnsembleConfig, cfg: TrainConfig,
     if model.cfg.d_out != d_out:
         model = keep_outputs(model, d_out)
     return fold_normalization(model, norm), history
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write a checkpoint crash-safely: temp name, fsync, rename (atomic_path), with its sha256 recorded.
+
+    The digest file is written BEFORE the rename and lists the new digest and the current one, so
+    whether a kill lands before or after the rename, the checkpoint on disk matches a listed digest.
+    """
+    from sae_cxr.run import atomic_path, sha256_file, write_json_atomic
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sums = path.with_name(CHECKSUMS)
+    previous = sha256_file(path) if path.exists() else None
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+        write_json_atomic(sums, [d for d in (sha256_file(tmp), previous) if d])
+
+
+def _load_checkpoint(path: Path) -> dict[str, Any] | None:
+    """The checkpoint's state, or None when there is none or it is unusable (then training restarts,
+    which ends with the same weights: the run is deterministic). A damaged checkpoint is reported, by
+    name, in the log; it is never loaded."""
+    from sae_cxr.run import sha256_file
+
+    if not path.exists():
+        return None
+    sums = path.with_name(CHECKSUMS)
+    try:
+        accepted = json.loads(sums.read_text())
+    except (OSError, ValueError):
+        accepted = []
+    if sha256_file(path) not in accepted:
+        log.warning("checkpoint %s does not match its recorded checksum (damaged, or written by an older "
+                    "version); it is ignored and training restarts from step 0", path)
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a readable-but-wrong file (other torch version, foreign pickle)
+        log.warning("checkpoint %s cannot be loaded (%s: %s); training restarts from step 0", path,
+                    type(e).__name__, e)
+        return None
 
 
 @torch.no_grad()
