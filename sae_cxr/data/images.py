@@ -16,6 +16,9 @@ from pathlib import Path
 import numpy as np
 
 DICOM_SUFFIXES = {".dcm", ".dicom"}
+PILLOW_FORMATS = ("PNG", "JPEG")
+"""The only formats handed to Pillow: its other parsers (TIFF, WebP, PSD, ...) are attack surface a
+radiograph does not need, and EPS would run Ghostscript on the bytes."""
 MAX_PIXELS = 10_000 * 10_000  # larger images are refused rather than exhausting memory
 
 
@@ -81,7 +84,7 @@ def _decode_pillow(data: bytes, name: str) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data), formats=PILLOW_FORMATS) as im:
             if im.width * im.height > MAX_PIXELS:
                 raise ImageReadError(name, f"image is {im.width}x{im.height}, above the limit of "
                                            f"{MAX_PIXELS} pixels")
@@ -158,10 +161,13 @@ def _decode_dicom(data: bytes, name: str) -> np.ndarray:
         raise ImageReadError(name, "DICOM file has no pixel data")
     try:
         rows, cols = int(getattr(ds, "Rows", 0)), int(getattr(ds, "Columns", 0))
+        frames = max(1, int(getattr(ds, "NumberOfFrames", 1) or 1))
+        samples = max(1, int(getattr(ds, "SamplesPerPixel", 1) or 1))
     except (TypeError, ValueError):
-        raise ImageReadError(name, "DICOM Rows/Columns are not integers") from None
-    if rows * cols > MAX_PIXELS:
-        raise ImageReadError(name, f"image is {cols}x{rows}, above the limit of {MAX_PIXELS} pixels")
+        raise ImageReadError(name, "DICOM Rows/Columns/NumberOfFrames/SamplesPerPixel are not integers") from None
+    if rows * cols * frames * samples > MAX_PIXELS:  # pydicom would allocate all frames before we pick one
+        raise ImageReadError(name, f"image is {cols}x{rows} x {frames} frame(s) x {samples} sample(s), above the "
+                                   f"limit of {MAX_PIXELS} pixels")
     try:
         raw = ds.pixel_array
     except Exception as e:  # pydicom raises many types for truncated or unsupported pixel data
