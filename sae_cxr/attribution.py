@@ -166,6 +166,21 @@ def reported_patterns(contrib: np.ndarray, coverage: float, max_patterns: int) -
     return order[:n], float(cum[n - 1])
 
 
+def reported_patterns_batch(contrib: np.ndarray, coverage: float, max_patterns: int
+                            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`reported_patterns` for a whole batch [B, P, C] at once: (order [B, C, P] by |contribution|
+    descending, n reported [B, C], coverage [B, C]); row by row it was the attribution stage's cost."""
+    mag = np.abs(contrib).transpose(0, 2, 1)
+    total = mag.sum(-1)
+    order = np.argsort(-mag, axis=-1, kind="stable")
+    smag = np.take_along_axis(mag, order, -1)
+    cum = np.cumsum(smag, -1) / np.where(total > 0, total, 1.0)[..., None]
+    n = np.minimum((cum < coverage - 1e-12).sum(-1) + 1, max_patterns)
+    n = np.minimum(n, (smag > 0).sum(-1))
+    cov = np.take_along_axis(cum, np.maximum(n - 1, 0)[..., None], -1)[..., 0]
+    return order, n, np.where(n > 0, cov, 1.0)
+
+
 def sigmoid(z: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-z))
 
@@ -274,6 +289,94 @@ def _plot_deletion(f: dict[str, Any], path) -> None:
     plt.close(fig)
 
 
+def _schema(**cols: str):
+    import pyarrow as pa
+
+    return pa.schema([(k, {"str": pa.string(), "int": pa.int64(), "float": pa.float64()}[v]) for k, v in cols.items()])
+
+
+PRED_COLUMNS = dict(record_id="str", row="int", split="str", finding="str", logit="float", probability="float",
+                    label="float", unassigned="float", skip="float", bias="float", error="float",
+                    n_active_patterns="int", n_reported="int", coverage="float")
+CONTRIB_COLUMNS = dict(record_id="str", finding="str", pattern_id="int", contribution="float", activation="float",
+                       rank="int")
+PRED_SCHEMA = _schema(**PRED_COLUMNS)
+CONTRIB_SCHEMA = _schema(**CONTRIB_COLUMNS)
+
+
+class _ParquetSink:
+    """Column batches appended as they come, written as one Parquet row group per `flush` rows: a table
+    of 500k predictions never sits in memory."""
+
+    def __init__(self, schema, flush: int):
+        self.schema, self.flush = schema, flush
+        self.pending: list = []
+        self.pending_rows = 0
+        self.writer = None
+        self.rows = 0
+
+    def open(self, path) -> None:
+        import pyarrow.parquet as pq
+
+        self.writer = pq.ParquetWriter(str(path), self.schema)
+
+    def extend(self, columns: dict[str, Any]) -> None:
+        import pyarrow as pa
+
+        table = pa.Table.from_pydict({k: columns[k] for k in self.schema.names}, schema=self.schema)
+        self.pending.append(table)
+        self.pending_rows += table.num_rows
+        self.rows += table.num_rows
+        if self.pending_rows >= self.flush:
+            self._write()
+
+    def _write(self) -> None:
+        import pyarrow as pa
+
+        self.writer.write_table(pa.concat_tables(self.pending) if self.pending else self.schema.empty_table())
+        self.pending, self.pending_rows = [], 0
+
+    def close(self) -> int:
+        if self.pending or self.rows == 0:
+            self._write()
+        self.writer.close()
+        return self.rows
+
+
+class _TopLogits:
+    """The `k` predictions with the highest logits, kept as a stream goes by (the faithfulness
+    sample: positive decisions first, then the most confident negatives, i.e. logit descending)."""
+
+    def __init__(self, k: int):
+        self.k = k
+        self.logit = np.zeros(0)
+        self.row = np.zeros(0, dtype=np.int64)
+        self.finding = np.zeros(0, dtype=np.int64)
+
+    def add(self, rows: np.ndarray, logits: np.ndarray) -> None:
+        B, C = logits.shape
+        self.logit = np.concatenate([self.logit, logits.reshape(-1)])
+        self.row = np.concatenate([self.row, np.repeat(rows, C)])
+        self.finding = np.concatenate([self.finding, np.tile(np.arange(C), B)])
+        if len(self.logit) > self.k:
+            keep = np.argsort(-self.logit, kind="stable")[: self.k]
+            self.logit, self.row, self.finding = self.logit[keep], self.row[keep], self.finding[keep]
+
+    def sample(self) -> tuple[np.ndarray, np.ndarray]:
+        order = np.argsort(-self.logit, kind="stable")[: self.k]
+        return self.row[order], self.finding[order]
+
+
+def _hist_quantile(hist: np.ndarray, q: float) -> float:
+    """np.quantile (linear) of the values a histogram counts, without the values themselves."""
+    n = int(hist.sum())
+    cum = np.cumsum(hist)
+    pos = (n - 1) * q
+    lo, hi = int(np.floor(pos)), int(np.ceil(pos))
+    v_lo, v_hi = int(np.searchsorted(cum, lo, side="right")), int(np.searchsorted(cum, hi, side="right"))
+    return float(v_lo + (v_hi - v_lo) * (pos - lo))
+
+
 def run_attribute(run: RunDir, cfg: AttributionConfig, seed: int = 0, ids: Sequence[str] | None = None,
                   progress: bool = True) -> tuple[list[str], dict[str, Any]]:
     from sae_cxr.classifier import load_head
@@ -298,53 +401,58 @@ def run_attribute(run: RunDir, cfg: AttributionConfig, seed: int = 0, ids: Seque
         rows = np.array([i for i, r in enumerate(ds.records) if r.split in cfg.splits and valid[i]], dtype=np.int64)
     if len(rows) == 0:
         raise ValueError(f"no images to attribute in splits {cfg.splits} (splits present: {ds.split_counts()})")
-    x_all = store.features()
     labels = ds.labels()
-    pred_rows: list[dict[str, Any]] = []
-    contrib_rows: dict[str, list] = {k: [] for k in ("record_id", "finding", "pattern_id", "contribution",
-                                                     "activation", "rank")}
-    worst, n_reported = 0.0, []
-    t0 = time.perf_counter()
-    with progress_bar(total=len(rows), desc="attribution", unit="img", disable=not progress) as bar:
-        for s in range(0, len(rows), cfg.batch_size):
-            rb = rows[s:s + cfg.batch_size]
-            batch = attr.decompose(x_all[rb])
-            worst = max(worst, batch.completeness_error())
-            for bi, r in enumerate(rb):
-                rec = ds.records[r]
-                for c, f in enumerate(FINDINGS):
-                    con = batch.contributions[bi, :, c]
-                    rep, cov = reported_patterns(con, cfg.coverage, cfg.max_patterns)
-                    n_reported.append(len(rep))
-                    pred_rows.append({
-                        "record_id": rec.id, "row": int(r), "split": rec.split, "finding": f,
-                        "logit": float(batch.logit[bi, c]), "probability": float(sigmoid(batch.logit[bi, c])),
-                        "label": float(labels[r, c]), "unassigned": float(batch.unassigned[bi, c]),
-                        "skip": float(batch.skip[bi, c]), "bias": float(batch.bias[c]),
-                        "error": float(batch.error[bi, c]), "n_active_patterns": int((con != 0).sum()),
-                        "n_reported": len(rep), "coverage": cov})
-                    for rank, p in enumerate(rep):
-                        contrib_rows["record_id"].append(rec.id)
-                        contrib_rows["finding"].append(f)
-                        contrib_rows["pattern_id"].append(int(p))
-                        contrib_rows["contribution"].append(float(con[p]))
-                        contrib_rows["activation"].append(float(batch.activations[bi, p]))
-                        contrib_rows["rank"].append(rank)
-            bar.update(len(rb))
-    seconds = time.perf_counter() - t0
     run.sub(ATTR_DIR).mkdir(parents=True, exist_ok=True)
-    preds = pd.DataFrame(pred_rows)
-    with atomic_path(run.sub(PREDICTIONS)) as tmp:
-        preds.to_parquet(tmp, index=False)
-    with atomic_path(run.sub(CONTRIBUTIONS)) as tmp:
-        pd.DataFrame(contrib_rows).to_parquet(tmp, index=False)
+    # Streamed: features one shard at a time, rows written to Parquet every `flush` predictions, and
+    # only the running faithfulness sample and a histogram kept, so memory follows the batch size.
+    flush = max(cfg.batch_size * len(FINDINGS), 20_000)
+    pred_out = _ParquetSink(PRED_SCHEMA, flush)
+    contrib_out = _ParquetSink(CONTRIB_SCHEMA, flush)
+    top = _TopLogits(cfg.faithfulness_samples)
+    n_reported = np.zeros(cfg.max_patterns + 1, dtype=np.int64)
+    worst = 0.0
+    t0 = time.perf_counter()
+    with atomic_path(run.sub(PREDICTIONS)) as pred_tmp, atomic_path(run.sub(CONTRIBUTIONS)) as contrib_tmp, \
+            progress_bar(total=len(rows), desc="attribution", unit="img", disable=not progress) as bar:
+        pred_out.open(pred_tmp)
+        contrib_out.open(contrib_tmp)
+        for rb, xb in store.iter_features(rows, cfg.batch_size):
+            batch = attr.decompose(xb)
+            worst = max(worst, batch.completeness_error())
+            top.add(rb, batch.logit)
+            B, C = batch.logit.shape
+            ids = [ds.records[r].id for r in rb]
+            order, n_rep, cov = reported_patterns_batch(batch.contributions, cfg.coverage, cfg.max_patterns)
+            n_reported += np.bincount(n_rep.reshape(-1), minlength=len(n_reported))
+            pred_out.extend({
+                "record_id": np.repeat(np.array(ids, dtype=object), C), "row": np.repeat(rb, C),
+                "split": np.repeat(np.array([ds.records[r].split for r in rb], dtype=object), C),
+                "finding": np.tile(np.array(FINDINGS, dtype=object), B),
+                "logit": batch.logit.reshape(-1).astype(np.float64),
+                "probability": sigmoid(batch.logit.astype(np.float64)).reshape(-1),
+                "label": labels[rb].reshape(-1).astype(np.float64),
+                "unassigned": batch.unassigned.reshape(-1).astype(np.float64),
+                "skip": batch.skip.reshape(-1).astype(np.float64),
+                "bias": np.tile(np.asarray(batch.bias, dtype=np.float64), B),
+                "error": batch.error.reshape(-1).astype(np.float64),
+                "n_active_patterns": (batch.contributions != 0).sum(1).reshape(-1).astype(np.int64),
+                "n_reported": n_rep.reshape(-1).astype(np.int64), "coverage": cov.reshape(-1).astype(np.float64)})
+            bi, ci, rank = np.nonzero(np.arange(order.shape[-1])[None, None, :] < n_rep[..., None])
+            pid = order[bi, ci, rank]
+            contrib_out.extend({
+                "record_id": np.array(ids, dtype=object)[bi], "finding": np.array(FINDINGS, dtype=object)[ci],
+                "pattern_id": pid.astype(np.int64),
+                "contribution": batch.contributions[bi, pid, ci].astype(np.float64),
+                "activation": batch.activations[bi, pid].astype(np.float64), "rank": rank.astype(np.int64)})
+            bar.update(len(rb))
+        n_preds = pred_out.close()
+        contrib_out.close()
+    seconds = time.perf_counter() - t0
 
     # faithfulness on a sample: positive decisions first, then the most confident negatives
     rng = np.random.default_rng(cfg.seed)
-    order = preds.assign(pos=preds["logit"] > 0).sort_values(["pos", "logit"], ascending=[False, False])
-    sample = order.head(cfg.faithfulness_samples)
-    faith = faithfulness(attr, x_all[sample["row"].to_numpy()],
-                         np.array([FINDINGS.index(f) for f in sample["finding"]]), cfg)
+    s_rows, s_findings = top.sample()
+    faith = faithfulness(attr, store.read_features(s_rows), s_findings, cfg)
     write_json_atomic(run.sub(FAITHFULNESS), faith)
     _plot_deletion(faith, run.sub("attributions/deletion.png"))
     outputs = [ATTR_DIR]
@@ -354,11 +462,12 @@ def run_attribute(run: RunDir, cfg: AttributionConfig, seed: int = 0, ids: Seque
 
         loc = localization_eval(run, ds, store, ens, head, table, arrays, rows, cfg, rng)
         write_json_atomic(run.sub(LOCALIZATION), loc)
-    nr = np.array(n_reported)
-    summary = {"predictions": len(preds), "images": int(len(rows)), "completeness_error": float(f"{worst:.3g}"),
-               "patterns_per_prediction": {"median": float(np.median(nr)), "p10": float(np.quantile(nr, 0.1)),
-                                           "p90": float(np.quantile(nr, 0.9)), "min": int(nr.min()),
-                                           "max": int(nr.max())},
+    summary = {"predictions": n_preds, "images": int(len(rows)), "completeness_error": float(f"{worst:.3g}"),
+               "patterns_per_prediction": {"median": _hist_quantile(n_reported, 0.5),
+                                           "p10": _hist_quantile(n_reported, 0.1),
+                                           "p90": _hist_quantile(n_reported, 0.9),
+                                           "min": int(np.flatnonzero(n_reported)[0]),
+                                           "max": int(np.flatnonzero(n_reported)[-1])},
                "images_per_s": round(len(rows) / seconds, 1),
                "faithfulness": {k: v for k, v in faith.items() if not k.startswith("mean_curve")}}
     if loc:

@@ -355,6 +355,39 @@ class EmbeddingStore:
             return np.concatenate([self.image(rows), self.text(rows)], axis=1)
         return self.image(rows)
 
+    def _shard_features(self, f: Any, local: np.ndarray) -> np.ndarray:
+        x = f.get_tensor("image")[local]
+        if self.mode == "multimodal":
+            x = np.concatenate([x, f.get_tensor("text")[local]], axis=1)
+        return x
+
+    def iter_features(self, rows: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(rows, x) batches for ascending `rows`, one shard in memory at a time and nothing cached:
+        a pass over 100k images then holds a shard, not the data set (`features()` caches it all)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) > 1 and (np.diff(rows) <= 0).any():
+            raise ValueError("iter_features needs strictly ascending rows")
+        for sh in self.index["shards"]:
+            lo, hi = np.searchsorted(rows, [sh["start"], sh["stop"]])
+            if lo == hi:
+                continue
+            mine = rows[lo:hi]
+            with self._open(sh) as f:
+                x = self._shard_features(f, mine - sh["start"])
+            for s in range(0, len(mine), batch_size):
+                yield mine[s:s + batch_size], x[s:s + batch_size]
+
+    def read_features(self, rows: Sequence[int]) -> np.ndarray:
+        """Features of a few rows in the given order, read shard by shard without caching the column."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.zeros((len(rows), self.dim), dtype=np.float32)
+        for sh in self.index["shards"]:
+            hit = np.flatnonzero((rows >= sh["start"]) & (rows < sh["stop"]))
+            if len(hit):
+                with self._open(sh) as f:
+                    out[hit] = self._shard_features(f, rows[hit] - sh["start"])
+        return out
+
     def patch_rows(self) -> np.ndarray:
         """Rows that have stored patch tokens."""
         out = []
