@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from sae_cxr.attribution import AttributionConfig
 from sae_cxr.classifier import ClassifierConfig
 from sae_cxr.data.phantom import PhantomConfig
+from sae_cxr.evaluate import EvalConfig
 from sae_cxr.explain import ExplainStageConfig
 from sae_cxr.extract import ExtractConfig
 from sae_cxr.gallery import GalleryConfig
@@ -110,6 +111,7 @@ class RunConfig:
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
     label: LabelConfig = field(default_factory=LabelConfig)
     explain: ExplainStageConfig = field(default_factory=ExplainStageConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)

@@ -92,6 +92,12 @@ def _stage_explain(run: RunDir, cfg: RunConfig) -> StageResult:
     return StageResult(*run_explain(run, cfg.explain, llm_config=cfg.label.lmm))
 
 
+def _stage_eval(run: RunDir, cfg: RunConfig) -> StageResult:
+    from sae_cxr.evaluate import run_eval
+
+    return StageResult(*run_eval(run, cfg.eval))
+
+
 STAGES: list[Stage] = [
     Stage("data", (), ("data",), _stage_data, "load or generate the images and write records.parquet"),
     Stage("extract", ("data",), ("extract",), _stage_extract,
@@ -110,6 +116,8 @@ STAGES: list[Stage] = [
           "name every pattern (evidence, text tower, LMM) and verify the names on held-out images"),
     Stage("explain", ("label",), ("explain",), _stage_explain,
           "natural-language explanations for clinicians and lay readers; NLE metrics"),
+    Stage("eval", ("explain",), ("eval",), _stage_eval,
+          "grade the run against the targets: metrics.json, plots, summary.md, the shortcut audit"),
 ]
 
 

@@ -40,23 +40,40 @@ class TranscoderStageConfig:
 
     n_members: int = 100
     """E: members trained side by side."""
-    n_latents: int = 512
-    """m: latents per member."""
+    n_latents: int = 128
+    """m: latents per member. Small members with many of them: on the phantom demo m = 128 recovers
+    17/18 planted concepts with 0.8% dead latents, m = 512 only 15/18 with 12% dead (fragmented)."""
     k: int | tuple[int, ...] = 32
     """Active latents per sample, one value or one per member (a k sweep inside the ensemble)."""
-    activation: str = "topk"
-    """topk | batchtopk | jumprelu."""
+    activation: str = "batchtopk"
+    """topk | batchtopk | jumprelu. BatchTopK by default: per-sample TopK makes concepts compete for
+    k slots inside each image, which blurs a latent's detection of its concept."""
     skip: bool = False
     """Add a skip path W_skip x per member."""
-    matryoshka: tuple[int, ...] | None = None
-    """Nested prefix sizes for a Matryoshka loss."""
-    train: TrainConfig = field(default_factory=TrainConfig)
+    matryoshka: tuple[int, ...] | str | None = "auto"
+    """Nested prefix sizes for a Matryoshka loss; "auto" = (m/8, m/2, m), None = no nesting. The short
+    prefixes must reconstruct alone, which pushes the frequent, broad concepts into the first latents
+    and keeps them from splitting."""
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(input_reconstruction=2.0))
     device: str = "auto"
     """auto = CUDA when present."""
 
+    def __post_init__(self) -> None:
+        if isinstance(self.matryoshka, list):
+            self.matryoshka = tuple(self.matryoshka)
+        if isinstance(self.matryoshka, str) and self.matryoshka != "auto":
+            raise ValueError(f"matryoshka must be a list of prefix sizes, \"auto\" or null, got {self.matryoshka!r}")
+
+    def prefixes(self) -> tuple[int, ...] | None:
+        """The Matryoshka prefix sizes for this n_latents."""
+        if self.matryoshka != "auto":
+            return self.matryoshka  # type: ignore[return-value]
+        m = self.n_latents
+        return tuple(sorted({max(1, m // 8), max(1, m // 2), m}))
+
     def ensemble_config(self, d_in: int, d_out: int, seed: int) -> EnsembleConfig:
         return EnsembleConfig(d_in=d_in, d_out=d_out, n_members=self.n_members, n_latents=self.n_latents,
-                              k=self.k, activation=self.activation, skip=self.skip, matryoshka=self.matryoshka,
+                              k=self.k, activation=self.activation, skip=self.skip, matryoshka=self.prefixes(),
                               seed=seed)
 
 
