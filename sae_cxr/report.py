@@ -130,6 +130,29 @@ class ReportConfig:
 
 
 @dataclass
+class ReportStageConfig:
+    """The `report` pipeline stage: which splits get a full report, and how each is laid out."""
+
+    splits: tuple[str, ...] = ("test",)
+    """Splits to report (each must be attributed: attribution.splits)."""
+    max_images: int | None = None
+    """Report at most this many images per split (None = all)."""
+    per_page: int = 50
+    top_patterns: int = 6
+
+    def __post_init__(self) -> None:
+        self.splits = tuple(str(s) for s in self.splits)
+        if not self.splits:
+            raise ValueError("report.splits is empty: name at least one attributed split, e.g. [\"test\"]")
+        for s in self.splits:  # the same checks a standalone report makes, at config time
+            self.report_config(s, progress=False)
+
+    def report_config(self, split: str, progress: bool = True) -> ReportConfig:
+        return ReportConfig(split=split, max_images=self.max_images, per_page=self.per_page,
+                            top_patterns=self.top_patterns, progress=progress)
+
+
+@dataclass
 class ReportResult:
     """Where a report went and how long it took."""
 
@@ -1393,12 +1416,13 @@ def _swap_into_place(build: Path, out_dir: Path) -> None:
 # ------------------------------------------------------------------------------------------------
 # The pipeline stage
 # ------------------------------------------------------------------------------------------------
-def run_report_stage(run: RunDir, splits: Sequence[str], progress: bool = True) -> tuple[list[str], dict[str, Any]]:
-    """The `report` stage: a full report for every explained split, in <run>/reports/<split>/."""
+def run_report_stage(run: RunDir, cfg: ReportStageConfig, progress: bool = True
+                     ) -> tuple[list[str], dict[str, Any]]:
+    """The `report` stage: a full report for every configured split, in <run>/reports/<split>/."""
     outputs: list[str] = []
     summary: dict[str, Any] = {}
-    for split in splits:
-        res = build_report(run, ReportConfig(split=split, progress=progress))
+    for split in cfg.splits:
+        res = build_report(run, cfg.report_config(split, progress=progress))
         outputs.append(run.rel(res.out))
         summary[split] = {"images": res.images, "pages": res.pages, "images_per_s": round(res.images_per_s, 1),
                           "index": run.rel(res.out / "index.html")}
