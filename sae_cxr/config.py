@@ -24,6 +24,7 @@ from sae_cxr.extract import ExtractConfig
 from sae_cxr.gallery import GalleryConfig
 from sae_cxr.labeling.stage import LabelConfig
 from sae_cxr.patterns import PatternConfig
+from sae_cxr.report import ReportStageConfig
 from sae_cxr.transcoders.stage import TranscoderStageConfig
 
 T = TypeVar("T")
@@ -111,6 +112,7 @@ class RunConfig:
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
     label: LabelConfig = field(default_factory=LabelConfig)
     explain: ExplainStageConfig = field(default_factory=ExplainStageConfig)
+    report: ReportStageConfig = field(default_factory=ReportStageConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:

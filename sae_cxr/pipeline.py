@@ -92,6 +92,12 @@ def _stage_explain(run: RunDir, cfg: RunConfig) -> StageResult:
     return StageResult(*run_explain(run, cfg.explain, llm_config=cfg.label.lmm))
 
 
+def _stage_report(run: RunDir, cfg: RunConfig) -> StageResult:
+    from sae_cxr.report import run_report_stage
+
+    return StageResult(*run_report_stage(run, cfg.report))
+
+
 def _stage_eval(run: RunDir, cfg: RunConfig) -> StageResult:
     from sae_cxr.evaluate import run_eval
 
@@ -116,6 +122,8 @@ STAGES: list[Stage] = [
           "name every pattern (evidence, text tower, LMM) and verify the names on held-out images"),
     Stage("explain", ("label",), ("explain",), _stage_explain,
           "natural-language explanations for clinicians and lay readers; NLE metrics"),
+    Stage("report", ("explain",), ("report",), _stage_report,
+          "batch attribution reports per split: offline HTML, the long evidence table, JSON per image"),
     Stage("eval", ("explain",), ("eval",), _stage_eval,
           "grade the run against the targets: metrics.json, plots, summary.md, the shortcut audit"),
 ]
@@ -151,7 +159,7 @@ def run_stage(run: RunDir, name: str, cfg: RunConfig, force: bool = False) -> di
     if not force and run.is_done(name, h):
         log.info("stage %s: up to date, skipped", name)
         info = run.stage(name)
-        return {"skipped": True, **(info.summary if info else {})}
+        return {**(info.summary if info else {}), "skipped": True}  # the flag last: a summary key never hides it
     later = [s.name for s in STAGES[STAGES.index(stage) + 1:]]
     run.invalidate(*later) if force else None
     run.set_config("run", {"name": cfg.name, "seed": cfg.seed})
@@ -164,7 +172,7 @@ def run_stage(run: RunDir, name: str, cfg: RunConfig, force: bool = False) -> di
     summary = {**result.summary, "seconds": round(seconds, 2)}
     run.finish_stage(name, result.outputs, summary)
     log.info("stage %s: done in %.1f s", name, seconds)
-    return summary
+    return {**summary, "skipped": False}
 
 
 def run_pipeline(run: RunDir, cfg: RunConfig, stages: Sequence[str] | None = None,
@@ -197,6 +205,33 @@ def config_from_run(run: RunDir, base: RunConfig | None = None) -> RunConfig:
         elif key in d and value is not None:
             d[key] = value
     return from_dict(RunConfig, d)
+
+
+PATH_OPTIONS = ("image_root", "reports")
+"""data.options that name folders (resolved like data.path)."""
+
+
+def absolute_paths(cfg: RunConfig, base: str | Path) -> RunConfig:
+    """Make the config's relative paths absolute against `base` (where the user ran the command).
+
+    The manifest keeps the config, and later stages, reports and the dashboard may run from another
+    folder: a relative data path stored there would silently point elsewhere."""
+    from dataclasses import replace
+
+    base = Path(base)
+
+    def fix(p: str) -> str:
+        q = Path(p).expanduser()
+        return str(q if q.is_absolute() else (base / q).resolve())
+
+    data = replace(cfg.data, path=fix(cfg.data.path) if cfg.data.path else cfg.data.path,
+                   options={k: (fix(v) if k in PATH_OPTIONS and isinstance(v, str) else v)
+                            for k, v in cfg.data.options.items()})
+    backbone = cfg.extract.backbone
+    for prefix in ("local-dir:", "phantom:"):
+        if backbone.startswith(prefix):
+            backbone = prefix + fix(backbone[len(prefix):])
+    return replace(cfg, data=data, extract=replace(cfg.extract, backbone=backbone))
 
 
 def demo_config(out: str | Path, n: int = 6000, seed: int = 0, size: int = 128,
