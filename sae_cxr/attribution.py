@@ -99,10 +99,13 @@ class Attributor:
         lp = torch.from_numpy(np.asarray(latent_pattern, dtype=np.int64))
         self.n_patterns = int(lp.max().item()) + 1 if (lp >= 0).any() else 0
         self.latent_pattern = torch.where(lp >= 0, lp, torch.tensor(self.n_patterns))  # unassigned -> P
+        self.latent_pattern_flat = self.latent_pattern.reshape(-1).contiguous()
+        self.m = m
         with torch.no_grad():
             W2 = head.fc2.weight.detach().double()
             self.W2 = W2
             self.latent_logit = torch.einsum("emh,ch->emc", ensemble.W_dec.detach().double(), W2)  # [E, m, C]
+            self.latent_logit_flat = self.latent_logit.reshape(E * m, -1).contiguous()
             self.bias = (W2 @ ensemble.b_dec.detach().double().mean(0) + head.fc2.bias.detach().double()).numpy()
             self.skip_logit = (W2 @ ensemble.W_skip.detach().double().mean(0)) if ensemble.W_skip is not None else None
 
@@ -112,20 +115,19 @@ class Attributor:
         B, E, P = len(xt), self.E, self.n_patterns
         out = self.ens(xt)
         codes = out.codes
-        vals, idx = codes.values.double(), codes.indices
+        vals, idx = codes.values.double(), codes.indices  # [B, E, K]
         ok = idx >= 0
-        idxc = idx.clamp(min=0)
-        e_ix = torch.arange(E).view(1, E, 1).expand_as(idxc)
-        terms = torch.where(ok.unsqueeze(-1), vals.unsqueeze(-1) * self.latent_logit[e_ix, idxc], 0.0)  # [B,E,K,C]
-        pid = torch.where(ok, self.latent_pattern[e_ix, idxc], torch.tensor(P))
-        C = terms.shape[-1]
-        contrib = torch.zeros(B, P + 1, C, dtype=torch.float64)
-        b_ix = torch.arange(B).view(B, 1, 1).expand_as(pid)
-        contrib.index_put_((b_ix.reshape(-1), pid.reshape(-1)), terms.reshape(-1, C), accumulate=True)
-        contrib /= E
-        acts = torch.zeros(B, P + 1, dtype=torch.float64)
-        acts.index_put_((b_ix.reshape(-1), pid.reshape(-1)), torch.where(ok, vals, 0.0).reshape(-1), accumulate=True)
-        acts /= E
+        K = idx.shape[2]
+        # one flat gather and one index_add over (image, pattern) slots: the scatter of every active
+        # latent's logit term into its pattern, without [B, E, K, C] advanced-index temporaries
+        flat = (torch.arange(E).view(1, E, 1) * self.m + idx.clamp(min=0)).reshape(-1)
+        w = torch.where(ok, vals, 0.0).reshape(-1)
+        terms = self.latent_logit_flat.index_select(0, flat) * w[:, None]  # [B*E*K, C]
+        pid = torch.where(ok.reshape(-1), self.latent_pattern_flat.index_select(0, flat), torch.tensor(P))
+        slot = torch.arange(B).repeat_interleave(E * K) * (P + 1) + pid
+        C = terms.shape[1]
+        contrib = torch.zeros(B * (P + 1), C, dtype=torch.float64).index_add_(0, slot, terms).view(B, P + 1, C) / E
+        acts = torch.zeros(B * (P + 1), dtype=torch.float64).index_add_(0, slot, w).view(B, P + 1) / E
         h = self.head.hidden(xt).double()
         h_hat = out.h_hat.double().mean(1)  # [B, d_out], member mean of the actual reconstructions
         error = (h - h_hat) @ self.W2.T
