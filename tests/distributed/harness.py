@@ -62,17 +62,19 @@ def copy_run(src: Path, dst: Path) -> Path:
     return dst
 
 
-def torchrun(nproc: int, args: list[str], timeout: float = 300) -> tuple[subprocess.CompletedProcess, float]:
-    """`torchrun --standalone --nproc_per_node nproc -m sae_cxr.cli ARGS` on loopback, one thread per
-    process (torchrun's own default for several processes; set for one too, so runs compare bit for bit)."""
+def torchrun(nproc: int, args: list[str], timeout: float = 300, check: bool = True
+             ) -> tuple[subprocess.CompletedProcess, float]:
+    """`torchrun --standalone --nproc_per_node nproc -m sae_cxr.cli -- ARGS` on loopback, one thread per
+    process (torchrun's own default for several processes; set for one too, so runs compare bit for bit).
+    The `--` keeps torchrun's parser off our flags: it would take `--run` for an abbreviation of its `--run-path`."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "SAE_CXR_NO_PROGRESS": "1",
            "GLOO_SOCKET_IFNAME": "lo", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           "--module", "sae_cxr.cli", *args]
+           "--module", "sae_cxr.cli", "--", *args]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     wall = time.perf_counter() - t0
-    if proc.returncode != 0:
+    if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n"
                              f"--- stderr\n{proc.stderr[-6000:]}")
     return proc, wall
