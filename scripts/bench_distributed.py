@@ -108,6 +108,7 @@ def main() -> None:
             for st in settings:
                 if stage == "extract":  # finished shards are reused even with --force: embed from scratch
                     shutil.rmtree(run.path / "embeddings", ignore_errors=True)
+                shutil.rmtree(run.path / "transcoders/checkpoint", ignore_errors=True)  # of an interrupted run
                 walls[st].append(torchrun(st[0], st[1], [stage, "--run", str(run.path), "--config", str(cfg_path),
                                                          "--force"]))
                 secs[st].append(stage_seconds(run.path, stage))
