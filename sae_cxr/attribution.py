@@ -11,6 +11,10 @@ contributions + unassigned + skip + bias + error = logit is a real check (tests 
 Faithfulness: deleting the top-n patterns of a prediction zeroes their latents in every member and
 recomputes the hidden layer h' = relu(h - removed) and the logit; random active patterns are the
 control. Comprehensiveness = p(full) - p(top-n removed); sufficiency = p(full) - p(only top-n kept).
+
+Under torchrun the decomposition (the per-image work) is sharded by rank in contiguous blocks of
+rows; each rank writes its tables to attributions/parts/, and rank 0 concatenates them in rank
+order (the single-process order), then runs faithfulness and localization on their samples.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from sae_cxr import distributed as dist
 from sae_cxr.findings import FINDINGS
 from sae_cxr.progress import progress_bar
 from sae_cxr.run import RunDir, atomic_path, write_json_atomic
@@ -302,11 +307,34 @@ def run_attribute(run: RunDir, cfg: AttributionConfig, seed: int = 0, ids: Seque
         raise ValueError(f"no images to attribute in splits {cfg.splits} (splits present: {ds.split_counts()})")
     x_all = store.features()
     labels = ds.labels()
+    t0 = time.perf_counter()
+    if dist.is_distributed():  # each rank decomposes a contiguous block of rows; rank 0 merges in rank order
+        a, b = dist.shard_range(len(rows))
+        parts = run.sub(f"{ATTR_DIR}/parts")
+        with dist.all_ranks("attribution"):
+            pred_rows, contrib_rows, worst = _decompose_rows(attr, ds, labels, x_all, rows[a:b], cfg, progress)
+            parts.mkdir(parents=True, exist_ok=True)
+            with atomic_path(parts / f"predictions-rank{dist.rank():05d}.parquet") as tmp:
+                pd.DataFrame(pred_rows).to_parquet(tmp, index=False)
+            with atomic_path(parts / f"contributions-rank{dist.rank():05d}.parquet") as tmp:
+                pd.DataFrame(contrib_rows).to_parquet(tmp, index=False)
+        worst = max(dist.all_gather(worst))
+        seconds = time.perf_counter() - t0
+        return dist.on_main(lambda: _finish(run, cfg, ds, store, ens, head, table, arrays, attr, rows, x_all,
+                                            *_merge_parts(parts), worst, seconds), what="merging the attribution")
+    pred_rows, contrib_rows, worst = _decompose_rows(attr, ds, labels, x_all, rows, cfg, progress)
+    seconds = time.perf_counter() - t0
+    return _finish(run, cfg, ds, store, ens, head, table, arrays, attr, rows, x_all, pd.DataFrame(pred_rows),
+                   pd.DataFrame(contrib_rows), worst, seconds)
+
+
+def _decompose_rows(attr: Attributor, ds, labels: np.ndarray, x_all: np.ndarray, rows: np.ndarray,
+                    cfg: AttributionConfig, progress: bool) -> tuple[list[dict[str, Any]], dict[str, list], float]:
+    """Prediction rows and reported-pattern rows for `rows` of the run, and the worst completeness error."""
     pred_rows: list[dict[str, Any]] = []
     contrib_rows: dict[str, list] = {k: [] for k in ("record_id", "finding", "pattern_id", "contribution",
                                                      "activation", "rank")}
-    worst, n_reported = 0.0, []
-    t0 = time.perf_counter()
+    worst = 0.0
     with progress_bar(total=len(rows), desc="attribution", unit="img", disable=not progress) as bar:
         for s in range(0, len(rows), cfg.batch_size):
             rb = rows[s:s + cfg.batch_size]
@@ -317,7 +345,6 @@ def run_attribute(run: RunDir, cfg: AttributionConfig, seed: int = 0, ids: Seque
                 for c, f in enumerate(FINDINGS):
                     con = batch.contributions[bi, :, c]
                     rep, cov = reported_patterns(con, cfg.coverage, cfg.max_patterns)
-                    n_reported.append(len(rep))
                     pred_rows.append({
                         "record_id": rec.id, "row": int(r), "split": rec.split, "finding": f,
                         "logit": float(batch.logit[bi, c]), "probability": float(sigmoid(batch.logit[bi, c])),
@@ -333,13 +360,35 @@ def run_attribute(run: RunDir, cfg: AttributionConfig, seed: int = 0, ids: Seque
                         contrib_rows["activation"].append(float(batch.activations[bi, p]))
                         contrib_rows["rank"].append(rank)
             bar.update(len(rb))
-    seconds = time.perf_counter() - t0
+    return pred_rows, contrib_rows, worst
+
+
+def _merge_parts(parts) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Rank 0: the ranks' tables concatenated in rank order (= the single-process row order)."""
+    tables = []
+    for kind in ("predictions", "contributions"):
+        files = [parts / f"{kind}-rank{r:05d}.parquet" for r in range(dist.world_size())]
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise RuntimeError(f"attribution parts {missing} are missing in {parts}; rerun the stage")
+        frames = [pd.read_parquet(f) for f in files]
+        nonempty = [f for f in frames if len(f)] or frames[:1]  # an empty part would turn int columns to object
+        tables.append(pd.concat(nonempty, ignore_index=True))
+    return tables[0], tables[1]
+
+
+def _finish(run: RunDir, cfg: AttributionConfig, ds, store, ens, head, table, arrays, attr: Attributor,
+            rows: np.ndarray, x_all: np.ndarray, preds: pd.DataFrame, contrib: pd.DataFrame, worst: float,
+            seconds: float) -> tuple[list[str], dict[str, Any]]:
+    """Write the tables, then faithfulness and localization on samples, and the summary."""
+    import shutil
+
     run.sub(ATTR_DIR).mkdir(parents=True, exist_ok=True)
-    preds = pd.DataFrame(pred_rows)
+    shutil.rmtree(run.sub(f"{ATTR_DIR}/parts"), ignore_errors=True)  # merged (or left by a killed run)
     with atomic_path(run.sub(PREDICTIONS)) as tmp:
         preds.to_parquet(tmp, index=False)
     with atomic_path(run.sub(CONTRIBUTIONS)) as tmp:
-        pd.DataFrame(contrib_rows).to_parquet(tmp, index=False)
+        contrib.to_parquet(tmp, index=False)
 
     # faithfulness on a sample: positive decisions first, then the most confident negatives
     rng = np.random.default_rng(cfg.seed)
@@ -356,7 +405,7 @@ def run_attribute(run: RunDir, cfg: AttributionConfig, seed: int = 0, ids: Seque
 
         loc = localization_eval(run, ds, store, ens, head, table, arrays, rows, cfg, rng)
         write_json_atomic(run.sub(LOCALIZATION), loc)
-    nr = np.array(n_reported)
+    nr = preds["n_reported"].to_numpy()
     summary = {"predictions": len(preds), "images": int(len(rows)), "completeness_error": float(f"{worst:.3g}"),
                "patterns_per_prediction": {"median": float(np.median(nr)), "p10": float(np.quantile(nr, 0.1)),
                                            "p90": float(np.quantile(nr, 0.9)), "min": int(nr.min()),

@@ -74,10 +74,14 @@ def cmd_demo(a: argparse.Namespace) -> int:
     if a.n is not None:
         kwargs["n"] = a.n
     cfg = demo_config(a.out, **kwargs)
-    run = RunDir(a.out, create=True)
+    from sae_cxr import distributed as dist
+
+    dist.on_main(lambda: RunDir(a.out, create=True), what="creating the run directory")
+    dist.check_shared_dir(a.out)
+    run = RunDir(a.out)
     t0 = time.perf_counter()
     run_pipeline(run, cfg, force=a.force, on_stage=_stage_printer(t0))
-    print(f"demo finished in {time.perf_counter() - t0:.1f} s: {run.path}")
+    _say(f"demo finished in {time.perf_counter() - t0:.1f} s: {run.path}")
     return 0
 
 
@@ -86,7 +90,7 @@ def _stage_printer(t0: float) -> Callable[[str, dict[str, Any]], None]:
 
     def report(name: str, summary: dict[str, Any]) -> None:
         state = "skipped (up to date)" if summary.get("skipped") else f"{summary.get('seconds', 0):.1f} s"
-        print(f"[{time.perf_counter() - t0:6.1f} s] {name:<18} {state}  {_short(summary)}", flush=True)
+        _say(f"[{time.perf_counter() - t0:6.1f} s] {name:<18} {state}  {_short(summary)}")
 
     return report
 
@@ -204,6 +208,8 @@ STAGE_FLAGS: dict[str, list[tuple[str, str, str, Any, str]]] = {
         ("--mode", "extract", "mode", str, "image | multimodal (image + report, 2x dim)"),
         ("--patches", "extract", "patches", str, "keep patch tokens for: all | eval | none"),
         ("--batch-size", "extract", "batch_size", int, "images per forward pass"),
+        ("--shard-size", "extract", "shard_size", int, "records per shard file: the unit of resume and, under "
+                                                        "torchrun, of the work given to each rank"),
         ("--workers", "extract", "num_workers", int, "image-decoding processes (-1 = auto)"),
         ("--device", "extract", "device", str, "auto | cpu | cuda | cuda:N"),
     ],
@@ -251,23 +257,35 @@ def _apply_overrides(cfg: Any, args: argparse.Namespace) -> tuple[bool, Any]:
 
 
 def cmd_stage(a: argparse.Namespace) -> int:
+    from sae_cxr import distributed as dist
     from sae_cxr.config import RunConfig
     from sae_cxr.pipeline import config_from_run, get_stage, run_stage
     from sae_cxr.run import RunDir
 
-    run = RunDir(a.run, create=True)
+    # under torchrun: rank 0 creates the run, every rank must see it (shared file system)
+    dist.on_main(lambda: RunDir(a.run, create=True), what="creating the run directory")
+    dist.check_shared_dir(a.run)
+    run = RunDir(a.run)
     cfg = RunConfig.load(a.config) if a.config else config_from_run(run)
     touched_data, cfg = _apply_overrides(cfg, a)
     stage = get_stage(a.stage)
-    if "data" in stage.depends and (touched_data or run.stage("data") is None):
-        print(f"data: {_short(run_stage(run, 'data', cfg))}")
+    if "data" in stage.depends and dist.broadcast(touched_data or run.stage("data") is None):
+        _say(f"data: {_short(run_stage(run, 'data', cfg))}")
     summary = run_stage(run, a.stage, cfg, force=a.force)
     state = "up to date, skipped" if summary.get("skipped") else f"done in {summary.get('seconds', 0):.1f} s"
-    print(f"{a.stage}: {state}")
+    _say(f"{a.stage}: {state}")
     for k, v in summary.items():
         if k not in ("skipped", "seconds"):
-            print(f"  {k}: {json.dumps(v, default=str) if isinstance(v, (dict, list)) else v}")
+            _say(f"  {k}: {json.dumps(v, default=str) if isinstance(v, (dict, list)) else v}")
     return 0
+
+
+def _say(msg: str) -> None:
+    """Print on rank 0 only: under torchrun every rank runs the command and would repeat it."""
+    from sae_cxr import distributed as dist
+
+    if dist.is_main():
+        print(msg, flush=True)
 
 
 def _add_search(sub: argparse._SubParsersAction) -> None:
@@ -319,19 +337,34 @@ CUSTOM_STAGE_COMMANDS = ("report",)  # stages whose subcommand has its own flags
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Parse and run one command. Under torchrun (WORLD_SIZE > 1) every rank runs it inside one
+    torch.distributed process group; ranks other than 0 keep quiet except for errors."""
+    from sae_cxr import distributed as dist
+
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        return int(args.func(args) or 0)
+        env = dist.launch_env()
+    except dist.DistributedError as e:
+        print(f"sae-cxr {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    quiet = env.rank != 0
+    if quiet:
+        os.environ["SAE_CXR_NO_PROGRESS"] = "1"  # one progress bar per job, rank 0's
+    logging.basicConfig(level=logging.INFO if args.verbose and not quiet else logging.WARNING,
+                        format=f"%(asctime)s {'[rank %d] ' % env.rank if env.launched else ''}"
+                               "%(name)s %(levelname)s %(message)s")
+    prefix = f"[rank {env.rank}/{env.world_size}] " if env.launched else ""
+    try:
+        with dist.session():
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(f"{prefix}interrupted", file=sys.stderr)
         return 130
-    except USER_ERRORS as e:
+    except USER_ERRORS + (dist.DistributedError,) as e:
         if args.verbose:
             raise
-        print(f"sae-cxr {args.command}: error: {e}", file=sys.stderr)
+        print(f"{prefix}sae-cxr {args.command}: error: {e}", file=sys.stderr)
         return 2
 
 
