@@ -34,6 +34,7 @@ def tiny_config(out: Path, n: int = 400, seed: int = 0, shortcut: str | None = "
     cfg.patterns.probe_size = 300
     cfg.attribution.faithfulness_samples, cfg.attribution.localization_images = 20, 20
     cfg.explain.max_predictions = 60
+    cfg.report.max_images, cfg.report.per_page = 20, 10
     return cfg
 
 
