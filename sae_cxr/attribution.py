@@ -11,6 +11,12 @@ contributions + unassigned + skip + bias + error = logit is a real check (tests 
 Faithfulness: deleting the top-n patterns of a prediction zeroes their latents in every member and
 recomputes the hidden layer h' = relu(h - removed) and the logit; random active patterns are the
 control. Comprehensiveness = p(full) - p(top-n removed); sufficiency = p(full) - p(only top-n kept).
+
+Under torchrun the decomposition (the per-image work) is sharded by rank in contiguous blocks of
+rows, streamed as in one process; each rank writes its tables to attributions/parts/, and rank 0
+streams them, row group by row group in rank order (the single-process order), into the final
+tables, combines the ranks' faithfulness samples and n_reported histograms, then runs
+faithfulness and localization on the samples.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from sae_cxr import distributed as dist
 from sae_cxr.findings import FINDINGS
 from sae_cxr.progress import progress_bar
 from sae_cxr.run import RunDir, atomic_path, write_json_atomic
@@ -99,10 +106,13 @@ class Attributor:
         lp = torch.from_numpy(np.asarray(latent_pattern, dtype=np.int64))
         self.n_patterns = int(lp.max().item()) + 1 if (lp >= 0).any() else 0
         self.latent_pattern = torch.where(lp >= 0, lp, torch.tensor(self.n_patterns))  # unassigned -> P
+        self.latent_pattern_flat = self.latent_pattern.reshape(-1).contiguous()
+        self.m = m
         with torch.no_grad():
             W2 = head.fc2.weight.detach().double()
             self.W2 = W2
             self.latent_logit = torch.einsum("emh,ch->emc", ensemble.W_dec.detach().double(), W2)  # [E, m, C]
+            self.latent_logit_flat = self.latent_logit.reshape(E * m, -1).contiguous()
             self.bias = (W2 @ ensemble.b_dec.detach().double().mean(0) + head.fc2.bias.detach().double()).numpy()
             self.skip_logit = (W2 @ ensemble.W_skip.detach().double().mean(0)) if ensemble.W_skip is not None else None
 
@@ -112,20 +122,19 @@ class Attributor:
         B, E, P = len(xt), self.E, self.n_patterns
         out = self.ens(xt)
         codes = out.codes
-        vals, idx = codes.values.double(), codes.indices
+        vals, idx = codes.values.double(), codes.indices  # [B, E, K]
         ok = idx >= 0
-        idxc = idx.clamp(min=0)
-        e_ix = torch.arange(E).view(1, E, 1).expand_as(idxc)
-        terms = torch.where(ok.unsqueeze(-1), vals.unsqueeze(-1) * self.latent_logit[e_ix, idxc], 0.0)  # [B,E,K,C]
-        pid = torch.where(ok, self.latent_pattern[e_ix, idxc], torch.tensor(P))
-        C = terms.shape[-1]
-        contrib = torch.zeros(B, P + 1, C, dtype=torch.float64)
-        b_ix = torch.arange(B).view(B, 1, 1).expand_as(pid)
-        contrib.index_put_((b_ix.reshape(-1), pid.reshape(-1)), terms.reshape(-1, C), accumulate=True)
-        contrib /= E
-        acts = torch.zeros(B, P + 1, dtype=torch.float64)
-        acts.index_put_((b_ix.reshape(-1), pid.reshape(-1)), torch.where(ok, vals, 0.0).reshape(-1), accumulate=True)
-        acts /= E
+        K = idx.shape[2]
+        # one flat gather and one index_add over (image, pattern) slots: the scatter of every active
+        # latent's logit term into its pattern, without [B, E, K, C] advanced-index temporaries
+        flat = (torch.arange(E).view(1, E, 1) * self.m + idx.clamp(min=0)).reshape(-1)
+        w = torch.where(ok, vals, 0.0).reshape(-1)
+        terms = self.latent_logit_flat.index_select(0, flat) * w[:, None]  # [B*E*K, C]
+        pid = torch.where(ok.reshape(-1), self.latent_pattern_flat.index_select(0, flat), torch.tensor(P))
+        slot = torch.arange(B).repeat_interleave(E * K) * (P + 1) + pid
+        C = terms.shape[1]
+        contrib = torch.zeros(B * (P + 1), C, dtype=torch.float64).index_add_(0, slot, terms).view(B, P + 1, C) / E
+        acts = torch.zeros(B * (P + 1), dtype=torch.float64).index_add_(0, slot, w).view(B, P + 1) / E
         h = self.head.hidden(xt).double()
         h_hat = out.h_hat.double().mean(1)  # [B, d_out], member mean of the actual reconstructions
         error = (h - h_hat) @ self.W2.T
@@ -323,7 +332,10 @@ class _ParquetSink:
     def extend(self, columns: dict[str, Any]) -> None:
         import pyarrow as pa
 
-        table = pa.Table.from_pydict({k: columns[k] for k in self.schema.names}, schema=self.schema)
+        self.append(pa.Table.from_pydict({k: columns[k] for k in self.schema.names}, schema=self.schema))
+
+    def append(self, table) -> None:
+        """Append a pyarrow Table with this sink's schema."""
         self.pending.append(table)
         self.pending_rows += table.num_rows
         self.rows += table.num_rows
@@ -377,6 +389,29 @@ def _hist_quantile(hist: np.ndarray, q: float) -> float:
     return float(v_lo + (v_hi - v_lo) * (pos - lo))
 
 
+@dataclass
+class _Tally:
+    """What a pass over a block of rows keeps besides its tables: the prediction count, the worst
+    completeness error, the n_reported histogram and the running faithfulness sample. Small, so
+    ranks exchange theirs and rank 0 combines them (`merged`)."""
+
+    predictions: int
+    worst: float
+    n_reported: np.ndarray
+    top: _TopLogits
+
+    @staticmethod
+    def merged(parts: Sequence["_Tally"]) -> "_Tally":
+        """The tally of the blocks' concatenation, given in block (= rank = row) order."""
+        top = _TopLogits(parts[0].top.k)
+        for p in parts:  # each block's sample is its top k in stream order among ties: the union holds the
+            top.logit = np.concatenate([top.logit, p.top.logit])  # global top k, and a stable sort of the
+            top.row = np.concatenate([top.row, p.top.row])  # concatenation in row order breaks ties as
+            top.finding = np.concatenate([top.finding, p.top.finding])  # one pass over all rows would
+        return _Tally(predictions=sum(p.predictions for p in parts), worst=max(p.worst for p in parts),
+                      n_reported=np.sum([p.n_reported for p in parts], axis=0), top=top)
+
+
 def run_attribute(run: RunDir, cfg: AttributionConfig, seed: int = 0, ids: Sequence[str] | None = None,
                   progress: bool = True) -> tuple[list[str], dict[str, Any]]:
     from sae_cxr.classifier import load_head
@@ -402,17 +437,52 @@ def run_attribute(run: RunDir, cfg: AttributionConfig, seed: int = 0, ids: Seque
     if len(rows) == 0:
         raise ValueError(f"no images to attribute in splits {cfg.splits} (splits present: {ds.split_counts()})")
     labels = ds.labels()
+    t0 = time.perf_counter()
+    if dist.is_distributed():  # each rank decomposes a contiguous block of rows; rank 0 merges in rank order
+        a, b = dist.shard_range(len(rows))
+        parts = run.sub(f"{ATTR_DIR}/parts")
+        with dist.all_ranks("attribution"):
+            parts.mkdir(parents=True, exist_ok=True)
+            mine = _decompose_rows(attr, ds, labels, store, rows[a:b], cfg, progress,
+                                   parts / f"predictions-rank{dist.rank():05d}.parquet",
+                                   parts / f"contributions-rank{dist.rank():05d}.parquet")
+        tallies = dist.all_gather(mine)
+        seconds = time.perf_counter() - t0
+
+        def merge_and_finish() -> tuple[list[str], dict[str, Any]]:
+            n_preds = _merge_parts(run, parts, cfg)
+            tally = _Tally.merged(tallies)
+            if n_preds != tally.predictions:
+                raise RuntimeError(f"the attribution parts in {parts} hold {n_preds} predictions but the ranks "
+                                   f"made {tally.predictions}; rerun the stage")
+            return _finish(run, cfg, ds, store, ens, head, table, arrays, attr, rows, tally, seconds)
+
+        return dist.on_main(merge_and_finish, what="merging the attribution")
     run.sub(ATTR_DIR).mkdir(parents=True, exist_ok=True)
-    # Streamed: features one shard at a time, rows written to Parquet every `flush` predictions, and
-    # only the running faithfulness sample and a histogram kept, so memory follows the batch size.
-    flush = max(cfg.batch_size * len(FINDINGS), 20_000)
+    tally = _decompose_rows(attr, ds, labels, store, rows, cfg, progress, run.sub(PREDICTIONS), run.sub(CONTRIBUTIONS))
+    seconds = time.perf_counter() - t0
+    return _finish(run, cfg, ds, store, ens, head, table, arrays, attr, rows, tally, seconds)
+
+
+def _flush_rows(cfg: AttributionConfig) -> int:
+    return max(cfg.batch_size * len(FINDINGS), 20_000)
+
+
+def _decompose_rows(attr: Attributor, ds, labels: np.ndarray, store, rows: np.ndarray, cfg: AttributionConfig,
+                    progress: bool, pred_path, contrib_path) -> _Tally:
+    """Decompose `rows` (ascending) of the run, writing the prediction rows and the reported-pattern rows
+    to `pred_path` and `contrib_path` (atomically); return the block's tally.
+
+    Streamed: features one shard at a time, rows written to Parquet every `flush` predictions, and
+    only the running faithfulness sample and a histogram kept, so memory follows the batch size.
+    """
+    flush = _flush_rows(cfg)
     pred_out = _ParquetSink(PRED_SCHEMA, flush)
     contrib_out = _ParquetSink(CONTRIB_SCHEMA, flush)
     top = _TopLogits(cfg.faithfulness_samples)
     n_reported = np.zeros(cfg.max_patterns + 1, dtype=np.int64)
     worst = 0.0
-    t0 = time.perf_counter()
-    with atomic_path(run.sub(PREDICTIONS)) as pred_tmp, atomic_path(run.sub(CONTRIBUTIONS)) as contrib_tmp, \
+    with atomic_path(pred_path) as pred_tmp, atomic_path(contrib_path) as contrib_tmp, \
             progress_bar(total=len(rows), desc="attribution", unit="img", disable=not progress) as bar:
         pred_out.open(pred_tmp)
         contrib_out.open(contrib_tmp)
@@ -447,11 +517,47 @@ def run_attribute(run: RunDir, cfg: AttributionConfig, seed: int = 0, ids: Seque
             bar.update(len(rb))
         n_preds = pred_out.close()
         contrib_out.close()
-    seconds = time.perf_counter() - t0
+    return _Tally(predictions=n_preds, worst=worst, n_reported=n_reported, top=top)
+
+
+def _merge_parts(run: RunDir, parts, cfg: AttributionConfig) -> int:
+    """Rank 0: the ranks' tables streamed, row group by row group and in rank order (= the single-process
+    row order), into the final Parquet files; no table is ever whole in memory. Returns the predictions."""
+    import pyarrow.parquet as pq
+
+    world = dist.world_size()
+    counts = {}
+    for kind, final, schema in (("predictions", PREDICTIONS, PRED_SCHEMA),
+                                ("contributions", CONTRIBUTIONS, CONTRIB_SCHEMA)):
+        files = [parts / f"{kind}-rank{r:05d}.parquet" for r in range(world)]
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise RuntimeError(f"attribution parts {missing} are missing in {parts}; rerun the stage")
+        sink = _ParquetSink(schema, _flush_rows(cfg))
+        with atomic_path(run.sub(final)) as tmp:
+            sink.open(tmp)
+            for f in files:
+                pf = pq.ParquetFile(str(f))
+                if not pf.schema_arrow.equals(schema):
+                    raise RuntimeError(f"{f} does not have the attribution table's columns; rerun the stage")
+                for g in range(pf.num_row_groups):
+                    group = pf.read_row_group(g)
+                    if group.num_rows:
+                        sink.append(group)
+            counts[kind] = sink.close()
+    return counts["predictions"]
+
+
+def _finish(run: RunDir, cfg: AttributionConfig, ds, store, ens, head, table, arrays, attr: Attributor,
+            rows: np.ndarray, tally: _Tally, seconds: float) -> tuple[list[str], dict[str, Any]]:
+    """With the tables written: faithfulness and localization on samples, and the summary."""
+    import shutil
+
+    shutil.rmtree(run.sub(f"{ATTR_DIR}/parts"), ignore_errors=True)  # merged (or left by a killed run)
 
     # faithfulness on a sample: positive decisions first, then the most confident negatives
     rng = np.random.default_rng(cfg.seed)
-    s_rows, s_findings = top.sample()
+    s_rows, s_findings = tally.top.sample()
     faith = faithfulness(attr, store.read_features(s_rows), s_findings, cfg)
     write_json_atomic(run.sub(FAITHFULNESS), faith)
     _plot_deletion(faith, run.sub("attributions/deletion.png"))
@@ -462,7 +568,9 @@ def run_attribute(run: RunDir, cfg: AttributionConfig, seed: int = 0, ids: Seque
 
         loc = localization_eval(run, ds, store, ens, head, table, arrays, rows, cfg, rng)
         write_json_atomic(run.sub(LOCALIZATION), loc)
-    summary = {"predictions": n_preds, "images": int(len(rows)), "completeness_error": float(f"{worst:.3g}"),
+    n_reported = tally.n_reported
+    summary = {"predictions": tally.predictions, "images": int(len(rows)),
+               "completeness_error": float(f"{tally.worst:.3g}"),
                "patterns_per_prediction": {"median": _hist_quantile(n_reported, 0.5),
                                            "p10": _hist_quantile(n_reported, 0.1),
                                            "p90": _hist_quantile(n_reported, 0.9),
