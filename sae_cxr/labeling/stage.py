@@ -161,9 +161,17 @@ def _findings():
     return FINDINGS
 
 
+def _contrasts(col: np.ndarray, fire_threshold: float) -> bool:
+    """Whether a pattern's activations have both activating and non-activating images (a pattern that
+    fires on every image, or on none, cannot be verified by contrast and keeps verification None)."""
+    fires = col > fire_threshold
+    return bool(fires.any() and not fires.all())
+
+
 def verify_labels(ctx: _Context, cfg: LabelConfig, labels: list[PatternLabel], judge_kind: str) -> list[PatternLabel]:
     if judge_kind == "none":
         return labels
+    ft = cfg.verification.fire_threshold
     out = []
     if judge_kind == "text":
         from sae_cxr.labeling.verify import TextJudge, calibrate_and_verify
@@ -172,7 +180,7 @@ def verify_labels(ctx: _Context, cfg: LabelConfig, labels: list[PatternLabel], j
         ids = ctx.table["id"].astype(str).to_numpy()
         for lab in labels:
             p = int(lab.pattern_id)
-            if lab.unresolved or (ctx.act[ctx.held, p] > 0).sum() == 0 or (ctx.act[ctx.fit, p] > 0).sum() == 0:
+            if lab.unresolved or not _contrasts(ctx.act[ctx.held, p], ft) or not _contrasts(ctx.act[ctx.fit, p], ft):
                 out.append(lab)
                 continue
             labelled, _ = calibrate_and_verify(lab, judge, ctx.embeddings[ctx.fit], ctx.act[ctx.fit, p],
@@ -186,7 +194,7 @@ def verify_labels(ctx: _Context, cfg: LabelConfig, labels: list[PatternLabel], j
     lm = LMMLabeler(_lmm_backend(cfg))
     for lab in labels:
         p = int(lab.pattern_id)
-        if lab.unresolved:
+        if lab.unresolved or not _contrasts(ctx.act[ctx.held, p], ft):
             out.append(lab)
             continue
         pos, neg = select_images(ctx.act[ctx.held, p], cfg.verification.n_pos, cfg.verification.n_neg,
