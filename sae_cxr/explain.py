@@ -954,9 +954,9 @@ def run_explain(run, cfg: ExplainStageConfig, llm_config=None, progress: bool = 
     summary: dict[str, Any] = {"predictions": len(chosen), "positives": int(n_pos)}
     for a in cfg.audiences:
         m = metrics[a]
-        summary[a] = {"simulatability_decision": round(m["simulatability"]["decision"]["accuracy"], 3),
-                      "simulatability_evidence_only": round(m["simulatability"]["decision_evidence_only"]["accuracy"], 3),
-                      "chance": round(m["simulatability"]["decision"]["chance"], 3),
+        summary[a] = {"simulatability_decision": _round(m["simulatability"]["decision"]["accuracy"]),
+                      "simulatability_evidence_only": _round(m["simulatability"]["decision_evidence_only"]["accuracy"]),
+                      "chance": _round(m["simulatability"]["decision"]["chance"]),
                       "distinct_2": round(m["diversity"]["distinct_2"], 3),
                       "self_bleu4": None if m["diversity"]["self_bleu4"] is None else round(m["diversity"]["self_bleu4"], 3),
                       "plausibility_rouge_l": _round(m["plausibility"].get("rouge_l_mean")),
