@@ -120,12 +120,14 @@ def waterfall(terms: pd.DataFrame, logit: float, finding: str) -> go.Figure:
     x = list(terms["value"]) + [logit]
     fig = go.Figure(go.Waterfall(
         orientation="h", y=y, x=x, measure=["relative"] * len(terms) + ["total"],
-        text=[f"{v:+.2f}" for v in x], textposition="outside",
+        text=[f"{v:+.2f}" for v in x], textposition="outside", cliponaxis=False,
         increasing=dict(marker=dict(color=POS)), decreasing=dict(marker=dict(color=NEG)),
         totals=dict(marker=dict(color=TOTAL)), connector=dict(line=dict(color="#bbb", width=1)),
         hovertemplate="%{y}<br>%{x:+.3f}<extra></extra>"))
-    return _layout(fig, height=max(320, 26 * len(y) + 80), title=f"{finding}: the logit, term by term",
-                   yaxis=dict(autorange="reversed"), xaxis_title="logit contribution", showlegend=False)
+    fig = _layout(fig, height=max(320, 26 * len(y) + 80), title=f"{finding}: the logit, term by term",
+                  yaxis=dict(autorange="reversed"), xaxis_title="logit contribution", showlegend=False)
+    fig.update_layout(margin=dict(r=60))  # room for the value labels outside the bars
+    return fig
 
 
 def audit_links(links: pd.DataFrame, top: int = 12) -> go.Figure:

@@ -598,6 +598,8 @@ class RunModels:
         g = g[g["kind"] == kind].head(limit)
         if g.empty:
             return []
+        if kind == "quantile":  # read weak to strong
+            g = g.sort_values("activation", kind="stable")
         records = [self.dataset.records[int(r)] for r in g["row"]]
         images = [rec.load_image() for rec in records]
         patches = self.patch_tokens(g["row"].tolist(), images)

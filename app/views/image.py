@@ -33,8 +33,7 @@ def pick_run_image() -> str | None:
         return None
     chosen = c[2].selectbox(f"image ({len(ids)} match)", ids, index=ids.index(wanted) if wanted else 0,
                             key=f"img_id_{wanted}")
-    if chosen != wanted:
-        st.query_params["id"] = chosen
+    st.query_params["id"] = chosen  # always sent, so the address bar is a deep link to what is shown
     return chosen
 
 
@@ -65,7 +64,7 @@ def show(a: ad.ImageAnalysis) -> None:
     default = ak.query_finding(str(preds.loc[preds["probability"].idxmax(), "finding"]))
     finding = st.segmented_control("finding to explain", list(FINDINGS), default=default,
                                    key=f"img_finding_{a.record_id}_{default}") or default
-    if not a.uploaded and finding != st.query_params.get("finding"):
+    if not a.uploaded:
         st.query_params["finding"] = finding
     decomp = ak.decomposition(run, a, finding)
 

@@ -31,8 +31,7 @@ def body() -> None:
         st.error(f"Pattern {pid} does not exist: this run has patterns 0 to {n - 1}.")
         pid = 0
     pid = int(st.sidebar.number_input("pattern id", 0, n - 1, value=pid, step=1, key=f"pat_id_{pid}"))
-    if str(pid) != st.query_params.get("id"):
-        st.query_params["id"] = str(pid)
+    st.query_params["id"] = str(pid)  # always sent: a link to this same page does not update the address bar
     row = table[table["pattern_id"] == pid].iloc[0]
     st.title(f"Pattern {pid}: {row['label']}")
     st.markdown(ak.category_badge(row["category"]) +
