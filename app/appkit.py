@@ -139,6 +139,13 @@ def tiles(run: RunDir, pattern_id: int, kind: str = "top", limit: int = 20, boxe
     return _tiles(*key(run), int(pattern_id), kind, int(limit), boxes)
 
 
+def warm(run: RunDir, galleries: list[tuple[int, str, int]]) -> None:
+    """Before drawing many tiles: compute the patch tokens of all their images in one backbone batch
+    ((pattern id, gallery kind, how many) each). Cheap when they are known already."""
+    m = models(run)
+    m.warm([r for pid, kind, limit in galleries for r in m.gallery_rows(pid, kind, limit)])
+
+
 @st.cache_data(show_spinner="Reading the image…", max_entries=256)
 def _record_analysis(path: str, stamp: int, record_id: str) -> ad.ImageAnalysis:
     return _models(path, stamp).analyse_record(record_id)
@@ -170,15 +177,15 @@ def decomposition(run: RunDir, analysis: ad.ImageAnalysis, finding: str):
 
 @st.cache_data(show_spinner=False, max_entries=1024,
                hash_funcs={ad.ImageAnalysis: lambda a: (a.record_id, a.x.tobytes())})
-def _heat_png(path: str, stamp: int, analysis: ad.ImageAnalysis, pattern_id: int, size: int) -> bytes:
+def _heat_image(path: str, stamp: int, analysis: ad.ImageAnalysis, pattern_id: int, size: int) -> bytes:
     m = _models(path, stamp)
     heat = m.pattern_heat(pattern_id, analysis)
-    return ad.png(ad.render_tile(analysis.image, heat, (), size))
+    return ad.encode(ad.render_tile(analysis.image, heat, (), size))
 
 
-def heat_png(run: RunDir, analysis: ad.ImageAnalysis, pattern_id: int, size: int = 180) -> bytes:
+def heat_image(run: RunDir, analysis: ad.ImageAnalysis, pattern_id: int, size: int = 180) -> bytes:
     """The image with one pattern's spatial map overlaid."""
-    return _heat_png(*key(run), analysis, int(pattern_id), size)
+    return _heat_image(*key(run), analysis, int(pattern_id), size)
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
@@ -200,7 +207,7 @@ def search(run: RunDir, kind: str, query: Any, k: int = 12) -> pd.DataFrame:
 @st.cache_data(show_spinner=False, max_entries=2048)
 def _thumb(path: str, stamp: int, record_id: str, size: int) -> bytes:
     rec = _models(path, stamp).record(record_id)
-    return ad.png(ad.render_tile(rec.load_image(), None, (), size))
+    return ad.encode(ad.render_tile(rec.load_image(), None, (), size))
 
 
 def thumb(run: RunDir, record_id: str, size: int = 160) -> bytes:

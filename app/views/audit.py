@@ -47,12 +47,13 @@ def body() -> None:
     finding = st.selectbox("finding", order, index=0, key="audit_finding")
     pats = audit.patterns[audit.patterns["finding"] == finding].head(12)
     st.subheader(f"Device and artifact patterns pushing {finding}")
+    ak.warm(run, [(int(p), "top", 1) for p in pats["pattern_id"]])
     grid = st.columns(6)
     for i, r in enumerate(pats.itertuples()):
         with grid[i % 6]:
             first = ak.tiles(run, int(r.pattern_id), "top", 1, "pattern")
             if first:
-                st.image(first[0].png)
+                st.image(first[0].image)
             st.markdown(f"{ak.category_badge(r.category)} net {r.net_share:+.2%}", unsafe_allow_html=True)
             ak.page_link("pattern", f"#{r.pattern_id} {r.name}", id=int(r.pattern_id))
     top_names = audit.links[(audit.links["finding"] == finding) & (audit.links["net_share"] > 0)]["name"].head(1).tolist()
@@ -61,7 +62,7 @@ def body() -> None:
     grid = st.columns(6)
     for i, r in enumerate(ex.itertuples()):
         with grid[i % 6]:
-            st.image(ak.heat_png(run, ak.record_analysis(run, r.record_id), int(r.top_pattern), 200), width="stretch",
+            st.image(ak.heat_image(run, ak.record_analysis(run, r.record_id), int(r.top_pattern), 200), width="stretch",
                      caption=f"+{r.push:.2f} logit · p={r.probability:.2f} · label {ak.fmt(r.label)}")
             ak.page_link("image", r.record_id, id=r.record_id, finding=finding)
 

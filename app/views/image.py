@@ -72,7 +72,7 @@ def show(a: ad.ImageAnalysis) -> None:
     with left:
         boxes = a.boxes if st.toggle("ground-truth boxes", value=bool(a.boxes), disabled=not a.boxes,
                                      key="img_boxes") else ()
-        st.image(ad.png(ad.render_tile(a.image, None, boxes, 420)),
+        st.image(ad.encode(ad.render_tile(a.image, None, boxes, 420)),
                  caption=(f"{a.record_id} · {a.split}" if a.split else a.record_id))
         if a.report:
             st.caption(f"Report: {a.report}")
@@ -98,12 +98,13 @@ def show(a: ad.ImageAnalysis) -> None:
     st.subheader("The patterns behind it")
     n = st.slider("patterns shown", 3, 15, 6, key="img_n")
     top = sorted(decomp.patterns, key=lambda p: -abs(p.contribution))[:n]
+    ak.warm(run, [(p.pattern_id, "top", 1) for p in top])
     for p in top:
         cols = st.columns([1, 1, 3])
-        cols[0].image(ak.heat_png(run, a, p.pattern_id), caption="where it fires here")
+        cols[0].image(ak.heat_image(run, a, p.pattern_id), caption="where it fires here")
         first = ak.tiles(run, p.pattern_id, "top", 1, "pattern")
         if first:
-            cols[1].image(first[0].png, caption="its strongest image")
+            cols[1].image(first[0].image, caption="its strongest image")
         with cols[2]:
             name = p.label or m.pattern_name(p.pattern_id)
             st.markdown(f"**#{p.pattern_id} {name}** {ak.category_badge(p.category)}"

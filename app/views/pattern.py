@@ -17,7 +17,7 @@ def gallery(pid: int, kind: str, limit: int, boxes: str, cols: int = 5) -> None:
     grid = st.columns(cols)
     for i, t in enumerate(tl):
         with grid[i % cols]:
-            st.image(t.png, caption=f"{t.split} · act {t.activation:.3g}")
+            st.image(t.image, caption=f"{t.split} · act {t.activation:.3g}")
             ak.page_link("image", t.record_id, id=t.record_id)
 
 
@@ -51,43 +51,51 @@ def body() -> None:
                       help="the phantom concept its activation detects best (ground truth)")
 
     left, right = st.columns(2)
-    if ak.need(run, "galleries"):
+    if ad.stage_done(run, "galleries"):
         ak.chart(plots.density(ak.data("pattern_density", run, pid)), where=left)
     ak.chart(plots.effect_bars(ad.pattern_effects(row)), where=right)
 
-    if ak.need(run, "galleries"):
-        boxes = st.segmented_control("ground-truth boxes", ["pattern", "all", "none"], default="pattern",
-                                     key="pat_boxes",
-                                     help="pattern: only the boxes of the concept the label names") or "pattern"
-        st.subheader("Top activating images")
-        st.caption("The pattern's spatial map (its encoder response to the patch tokens) is overlaid; "
-                   "ground-truth boxes where the data set has them.")
-        gallery(pid, "top", 20, boxes)
-        with st.expander("Quantile samples: weak to strong firings", expanded=True):
-            gallery(pid, "quantile", 20, boxes)
-        with st.expander("Held-out top images (test splits, used for verification)"):
-            gallery(pid, "heldout_top", 10, boxes)
-        with st.expander("Images where it is silent"):
-            gallery(pid, "negative", 8, "none", cols=8)
-        enr = ak.data("pattern_enrichment", run, pid)
-        if len(enr):
-            st.subheader("Over-represented among its top images")
-            st.dataframe(enr, hide_index=True, width="stretch",
-                         column_config={"rate": st.column_config.NumberColumn(format="percent"),
-                                        "base": st.column_config.NumberColumn(format="percent"),
-                                        "lift": st.column_config.NumberColumn(format="%.1f×")})
+    if not ak.need(run, "galleries"):
+        return
+    try:
+        hits = ak.search(run, "pattern", pid, 10)
+    except FileNotFoundError as e:
+        hits = None
+        st.info(f"Similar patterns are unavailable: {e}")
+    similar = [] if hits is None else [int(h) for h in hits["id"]]
+    # one backbone batch for every image of the page that needs a map (not one per gallery)
+    ak.warm(run, [(pid, "top", 20), (pid, "quantile", 20)] + [(h, "top", 1) for h in similar])
+
+    boxes = st.segmented_control("ground-truth boxes", ["pattern", "all", "none"], default="pattern",
+                                 key="pat_boxes",
+                                 help="pattern: only the boxes of the concept the label names") or "pattern"
+    st.subheader("Top activating images")
+    st.caption("The pattern's spatial map (its encoder response to the patch tokens) is overlaid; "
+               "ground-truth boxes where the data set has them. Click an image id to explain that image.")
+    gallery(pid, "top", 20, boxes)
+    st.subheader("Quantile samples: weak to strong firings")
+    gallery(pid, "quantile", 20, boxes)
+    more = st.segmented_control("more images", ["held-out top images", "images where it is silent"], key="pat_more",
+                                help="held-out: the test splits' strongest images, used to verify the label")
+    if more == "held-out top images":
+        gallery(pid, "heldout_top", 10, boxes)
+    elif more == "images where it is silent":
+        gallery(pid, "negative", 8, "none", cols=8)
+    enr = ak.data("pattern_enrichment", run, pid)
+    if len(enr):
+        st.subheader("Over-represented among its top images")
+        st.dataframe(enr, hide_index=True, width="stretch",
+                     column_config={"rate": st.column_config.NumberColumn(format="percent"),
+                                    "base": st.column_config.NumberColumn(format="percent"),
+                                    "lift": st.column_config.NumberColumn(format="%.1f×")})
+    if hits is not None:
         st.subheader("Similar patterns")
-        try:
-            hits = ak.search(run, "pattern", pid, 10)
-        except FileNotFoundError as e:
-            st.info(f"{e}")
-            return
         grid = st.columns(5)
         for i, h in enumerate(hits.itertuples()):
             with grid[i % 5]:
                 first = ak.tiles(run, int(h.id), "top", 1, "none")
                 if first:
-                    st.image(first[0].png)
+                    st.image(first[0].image)
                 ak.page_link("pattern", f"#{h.id} {h.label or ''} ({h.score:.2f})", id=int(h.id))
 
 

@@ -13,12 +13,13 @@ def pattern_hits(hits) -> None:
     if hits.empty:
         st.info("Nothing found.")
         return
+    ak.warm(run, [(int(h), "top", 1) for h in hits["id"]])
     grid = st.columns(4)
     for i, h in enumerate(hits.itertuples()):
         with grid[i % 4]:
             first = ak.tiles(run, int(h.id), "top", 1, "none")
             if first:
-                st.image(first[0].png, width="stretch")
+                st.image(first[0].image, width="stretch")
             st.markdown(f"{ak.category_badge(h.category)} score {h.score:.3f}", unsafe_allow_html=True)
             ak.page_link("pattern", f"#{h.id} {h.label or ''}", id=int(h.id))
 
@@ -72,7 +73,7 @@ def body() -> None:
                 except ad.UploadError as e:
                     st.error(f"{e}. Try a PNG, a JPEG or a DICOM image.")
                 else:
-                    st.image(ad.png(ad.render_tile(a.image, None, (), 200)), caption=up.name)
+                    st.image(ad.encode(ad.render_tile(a.image, None, (), 200)), caption=up.name)
                     image_hits(ak.models(run).similar_to_upload(a, k))
 
 
