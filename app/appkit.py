@@ -45,7 +45,7 @@ CATEGORY_COLORS.setdefault("unlabelled", "rgb(160,160,160)")
 # ----------------------------------------------------------------------------------------------
 def cli_args() -> argparse.Namespace:
     """`streamlit run app/Home.py -- --run artifacts/demo [--artifacts DIR]` (env: SAE_CXR_RUN, SAE_CXR_ARTIFACTS)."""
-    p = argparse.ArgumentParser(add_help=False)
+    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     p.add_argument("--run", default=os.environ.get(ad.RUN_ENV))
     p.add_argument("--artifacts", default=os.environ.get(ad.ARTIFACTS_ENV))
     args, _ = p.parse_known_args(sys.argv[1:])

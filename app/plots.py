@@ -52,8 +52,9 @@ def history_curve(df: pd.DataFrame) -> go.Figure:
                             line=dict(width=0), fillcolor="rgba(69,123,157,0.2)", hoverinfo="skip")
     if "dead" in df:
         fig.add_scatter(x=df["step"], y=df["dead"], name="dead share", yaxis="y2", line_color="#e76f51")
-    return _layout(fig, height=260, title="Ensemble training", xaxis_title="step", yaxis=dict(title="FVU", type="log"),
-                   yaxis2=dict(title="dead", overlaying="y", side="right", rangemode="tozero"))
+    return _layout(fig, height=280, title="Ensemble training", xaxis_title="step", yaxis=dict(title="FVU", type="log"),
+                   yaxis2=dict(title="dead", overlaying="y", side="right", rangemode="tozero"),
+                   legend=dict(orientation="h", y=1.02, yanchor="bottom", x=1, xanchor="right"))
 
 
 def category_bars(counts: pd.DataFrame) -> go.Figure:
@@ -104,8 +105,8 @@ def probability_bars(preds: pd.DataFrame, chosen: str | None = None) -> go.Figur
         fig.add_scatter(x=truth["label"], y=truth["finding"], mode="markers", name="ground truth",
                         marker=dict(symbol="diamond", size=11, color="#e76f51", line=dict(width=1, color="#111")))
     fig.add_vline(x=0.5, line_dash="dot", line_color="#999")
-    return _layout(fig, height=260, title="Predictions", xaxis=dict(range=[0, 1.12], title="probability"),
-                   yaxis=dict(autorange="reversed"))
+    return _layout(fig, height=260, title="Predictions", xaxis=dict(range=[0, 1.25], title="probability"),
+                   yaxis=dict(autorange="reversed"), legend=dict(orientation="h", y=-0.35))
 
 
 def waterfall(terms: pd.DataFrame, logit: float, finding: str) -> go.Figure:
