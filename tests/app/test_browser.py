@@ -52,6 +52,7 @@ def server(tiny_run):
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", APP, "--server.headless", "true", "--server.address", "127.0.0.1",
          "--server.port", str(port), "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none",
+         "--client.toolbarMode", "viewer",
          "--", "--run", str(tiny_run.path)],
         cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)})
     url = f"http://127.0.0.1:{port}"
@@ -175,3 +176,36 @@ def test_pattern_and_image_pages_by_deep_link_in_chromium(server, browser, shots
     assert f"id={rid}" in b.current_url and "finding=Edema" in b.current_url
     b.save_screenshot(str(shots / "image.png"))
     assert (shots / "pattern.png").stat().st_size > 10_000 and (shots / "image.png").stat().st_size > 10_000
+
+
+def test_uploads_in_chromium_are_explained_or_refused_with_a_message(server, browser, shots, tiny_run, tmp_path):
+    """An uploaded PNG is explained like a run image; an undecodable file gets a message, not a crash."""
+    from PIL import Image
+
+    from sae_cxr.ingest import open_run_dataset
+
+    img = open_run_dataset(tiny_run).records[0].load_image()
+    good = tmp_path / "chest.png"
+    Image.fromarray((img.clip(0, 1) * 255).astype("uint8")).save(good)
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+
+    b = browser
+    b.get(f"{server}/?page=image")
+    _wait_for(b, "h1", "Image explorer")
+    _settle(b)
+    b.execute_script("""const l = Array.from(document.querySelectorAll("[data-testid='stRadio'] label"))
+                          .find(e => e.textContent.trim() === 'upload'); l.click();""")
+    _wait_for(b, "[data-testid='stFileUploaderDropzoneInput']", count=1)
+    b.find_element("css selector", "[data-testid='stFileUploaderDropzoneInput']").send_keys(str(good))
+    _wait_for(b, ".js-plotly-plot", "the logit, term by term")
+    _wait_for(b, "p", "For a clinician")
+    _settle(b)
+    _no_exception(b)
+    b.save_screenshot(str(shots / "upload.png"))
+
+    b.find_element("css selector", "[data-testid='stFileUploaderDropzoneInput']").send_keys(str(bad))
+    msg = _wait_for(b, "[data-testid='stAlertContentError']", "could not be read")[0]
+    assert "broken.png" in msg
+    assert not _texts(b, "[data-testid='stException']")
+
