@@ -16,7 +16,8 @@ def body() -> None:
     default = "test" if "test" in splits else splits[0]
     split = st.sidebar.selectbox("split", [*splits, "all"], index=splits.index(default), key="audit_split")
     audit = ak.data("nuisance_audit", run, split)
-    st.caption(f"Over the {split} split's stored decompositions ({int(audit.findings['predictions'].max())} images). "
+    scope = "all attributed splits'" if split == "all" else f"the {split} split's"
+    st.caption(f"Over {scope} stored decompositions ({int(audit.findings['predictions'].max())} images). "
                "Net push: the signed sum of the contributions of all patterns with one device/artifact name, as a "
                "share of all the evidence (sum of |contributions|) for the finding; patterns that push both ways "
                "cancel, a shortcut pushes one way.")

@@ -174,6 +174,9 @@ def test_audit_ranks_device_and_artifact_evidence_and_marks_the_planted_shortcut
     assert {"link", "net_share", "carried_share", "patterns"} <= set(table.columns)
     assert list(table["net_share"]) == sorted(table["net_share"], reverse=True)
     assert at.selectbox(key="audit_finding").value in FINDINGS
+    at.selectbox(key="audit_split").set_value("all").run()  # every attributed split together
+    assert_clean(at)
+    assert "Over all attributed splits' stored decompositions" in texts(at)
 
 
 def test_reports_page_opens_html_reports_in_place(tiny_run, use_run):
