@@ -128,7 +128,7 @@ def test_image_page_by_deep_link_shows_predictions_waterfall_and_explanations(ti
     assert_clean(at)
     water = [c for c in charts(at) if c["data"][0]["type"] == "waterfall"]
     assert water[0]["layout"]["title"]["text"].startswith("Cardiomegaly")
-    assert at.query_params["finding"] == ["Cardiomegaly"] or at.query_params["finding"] == "Cardiomegaly"
+    assert at.query_params["finding"] == "Cardiomegaly"
 
 
 def test_image_page_unknown_id_and_bad_finding_are_messages(tiny_run, use_run):
