@@ -75,17 +75,6 @@ def run_choices(root: str | os.PathLike) -> dict[str, Path]:
     return out
 
 
-def resolve_run_name(root: str | os.PathLike, name: str) -> Path:
-    """The run `name` under `root`; ValueError for a name that is not a valid run name or that
-    does not name a run inside `root`."""
-    check_run_name(name)
-    choices = run_choices(root)
-    if name not in choices:
-        raise ValueError(f"no run named {name!r} in {Path(root).resolve()} "
-                         f"(runs there: {', '.join(choices) or 'none'})")
-    return choices[name]
-
-
 def stage_done(run: RunDir, name: str) -> bool:
     s = run.stage(name)
     return s is not None and s.status == "done"
@@ -177,12 +166,6 @@ def classifier_metrics(run: RunDir) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def classifier_history(run: RunDir) -> pd.DataFrame:
-    from sae_cxr.classifier import METRICS
-
-    return pd.DataFrame(_json(run, METRICS).get("history", []))
-
-
 def ensemble_health(run: RunDir) -> pd.DataFrame:
     """Per member: FVU, L0, dead and dense fractions, loss recovered (held-out images)."""
     from sae_cxr.transcoders.stage import METRICS
@@ -232,12 +215,17 @@ def attribution_summary(run: RunDir) -> dict[str, Any]:
     return _json(run, SUMMARY)
 
 
-def labels_eval(run: RunDir) -> dict[str, Any]:
+def labels_eval(run: RunDir) -> pd.DataFrame:
+    """Per labeler: how many patterns have a planted concept to be named after (phantom runs), and
+    the share it named correctly and put in the right category (labels/eval.json; empty otherwise)."""
     from sae_cxr.labeling.stage import LABEL_EVAL
 
-    if not stage_done(run, "label"):
-        return {}
-    return _json(run, LABEL_EVAL)
+    if not stage_done(run, "label") or not run.sub(LABEL_EVAL).exists():
+        return pd.DataFrame()
+    rows = [{"labeler": name, "patterns": d.get("n"), "named_correctly": d.get("named_correctly"),
+             "category_correct": d.get("category_correct")}
+            for name, d in _json(run, LABEL_EVAL).items() if isinstance(d, dict)]
+    return pd.DataFrame(rows)
 
 
 def run_png(run: RunDir, rel: str) -> bytes | None:
@@ -282,14 +270,6 @@ def category_counts(table: pd.DataFrame) -> pd.DataFrame:
     counts = table["category"].value_counts()
     order = [c for c in CATEGORIES if c in counts] + [c for c in counts.index if c not in CATEGORIES]
     return pd.DataFrame({"category": order, "patterns": [int(counts[c]) for c in order]})
-
-
-def pattern_gallery(run: RunDir, pattern_id: int) -> pd.DataFrame:
-    """The pattern's gallery entries (kind, rank, row, record_id, split, activation)."""
-    from sae_cxr.gallery import load_galleries
-
-    g = load_galleries(run)
-    return g[g["pattern_id"] == int(pattern_id)].sort_values(["kind", "rank"]).reset_index(drop=True)
 
 
 def pattern_density(run: RunDir, pattern_id: int) -> dict[str, Any]:
@@ -530,10 +510,6 @@ class RunModels:
     def pattern_name(self, pattern_id: int) -> str:
         lab = self.label_of(pattern_id)
         return lab.label if lab is not None else f"pattern {pattern_id}"
-
-    def pattern_category(self, pattern_id: int) -> str | None:
-        lab = self.label_of(pattern_id)
-        return lab.category if lab is not None else None
 
     def record(self, record_id: str):
         if record_id not in self.row_of:

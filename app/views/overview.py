@@ -87,6 +87,21 @@ def body() -> None:
             with st.expander("How the patterns were matched across members"):
                 st.image(png)
 
+    if ad.stage_done(run, "label"):
+        st.header("Labels")
+        table = ak.data("pattern_table", run)
+        verified = table["verification"].notna()
+        c = st.columns(3)
+        c[0].metric("labelled patterns", f"{int((table['category'] != 'unlabelled').sum()):,} / {len(table):,}")
+        c[1].metric("verified", f"{int(verified.sum()):,}", help="labels scored on held-out images")
+        c[2].metric("failed verification", f"{int(table['flagged'].sum()):,}")
+        ev = ak.data("labels_eval", run)
+        if len(ev):
+            st.caption("Labelers against the planted concepts (patterns whose best concept is known):")
+            st.dataframe(ev, hide_index=True, column_config={
+                "named_correctly": st.column_config.NumberColumn("named correctly", format="percent"),
+                "category_correct": st.column_config.NumberColumn("category correct", format="percent")})
+
     if ak.need(run, "attribute"):
         st.header("Attribution")
         s = ak.data("attribution_summary", run)

@@ -128,14 +128,15 @@ def test_run_picker_lists_only_runs_inside_the_folder(tiny_run, partial_run, tmp
     (outside / "manifest.json").write_text("{}")
     link = root / "sneaky"
     link.symlink_to(outside)
+    bad_name = root / "-dash"
+    bad_name.mkdir()
+    (bad_name / "manifest.json").write_text("{}")
     try:
-        assert "sneaky" not in ad.run_choices(root)
-        with pytest.raises(ValueError, match="no run named"):
-            ad.resolve_run_name(root, "sneaky")
-        with pytest.raises(ValueError):
-            ad.resolve_run_name(root, "../tiny")
+        assert not {"sneaky", "-dash"} & set(ad.run_choices(root))
     finally:
         link.unlink()
+        (bad_name / "manifest.json").unlink()
+        bad_name.rmdir()
 
 
 def test_reports_are_read_only_from_reports(tiny_run, tmp_path):

@@ -50,7 +50,7 @@ def test_overview_shows_data_backbone_classifier_ensemble_and_patterns(tiny_run,
     assert_clean(at)
     assert at.title[0].value == "Run tiny"
     headers = [h.value for h in at.header]
-    assert headers == ["Data set", "Backbone", "Classifier", "Transcoder ensemble", "Patterns", "Attribution"]
+    assert headers == ["Data set", "Backbone", "Classifier", "Transcoder ensemble", "Patterns", "Labels", "Attribution"]
     titles = [c["layout"]["title"]["text"] for c in charts(at)]
     assert any("AUROC" in t for t in titles)
     assert {"FVU per member (held-out)", "L0 per member", "Dead latents per member", "Patterns by category"} <= set(titles)
