@@ -130,7 +130,7 @@ def data(fn: str, run: RunDir, *args: Any) -> Any:
     return _data(fn, *key(run), *args)
 
 
-@st.cache_data(show_spinner="Rendering the gallery…", max_entries=512)
+@st.cache_data(show_spinner="Rendering the gallery…", max_entries=256)
 def _tiles(path: str, stamp: int, pattern_id: int, kind: str, limit: int, boxes: str) -> list[ad.Tile]:
     return _models(path, stamp).gallery_tiles(pattern_id, kind, limit, boxes)
 
@@ -146,7 +146,7 @@ def warm(run: RunDir, galleries: list[tuple[int, str, int]]) -> None:
     m.warm([r for pid, kind, limit in galleries for r in m.gallery_rows(pid, kind, limit)])
 
 
-@st.cache_data(show_spinner="Reading the image…", max_entries=256)
+@st.cache_data(show_spinner="Reading the image…", max_entries=32)  # full-size images: keep few
 def _record_analysis(path: str, stamp: int, record_id: str) -> ad.ImageAnalysis:
     return _models(path, stamp).analyse_record(record_id)
 
