@@ -11,6 +11,10 @@ contributions + unassigned + skip + bias + error = logit is a real check (tests 
 Faithfulness: deleting the top-n patterns of a prediction zeroes their latents in every member and
 recomputes the hidden layer h' = relu(h - removed) and the logit; random active patterns are the
 control. Comprehensiveness = p(full) - p(top-n removed); sufficiency = p(full) - p(only top-n kept).
+
+Under torchrun the decomposition (the per-image work) is sharded by rank in contiguous blocks of
+rows; each rank writes its tables to attributions/parts/, and rank 0 concatenates them in rank
+order (the single-process order), then runs faithfulness and localization on their samples.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from sae_cxr import distributed as dist
 from sae_cxr.findings import FINDINGS
 from sae_cxr.progress import progress_bar
 from sae_cxr.run import RunDir, atomic_path, write_json_atomic
@@ -99,10 +104,13 @@ class Attributor:
         lp = torch.from_numpy(np.asarray(latent_pattern, dtype=np.int64))
         self.n_patterns = int(lp.max().item()) + 1 if (lp >= 0).any() else 0
         self.latent_pattern = torch.where(lp >= 0, lp, torch.tensor(self.n_patterns))  # unassigned -> P
+        self.latent_pattern_flat = self.latent_pattern.reshape(-1).contiguous()
+        self.m = m
         with torch.no_grad():
             W2 = head.fc2.weight.detach().double()
             self.W2 = W2
             self.latent_logit = torch.einsum("emh,ch->emc", ensemble.W_dec.detach().double(), W2)  # [E, m, C]
+            self.latent_logit_flat = self.latent_logit.reshape(E * m, -1).contiguous()
             self.bias = (W2 @ ensemble.b_dec.detach().double().mean(0) + head.fc2.bias.detach().double()).numpy()
             self.skip_logit = (W2 @ ensemble.W_skip.detach().double().mean(0)) if ensemble.W_skip is not None else None
 
@@ -112,20 +120,19 @@ class Attributor:
         B, E, P = len(xt), self.E, self.n_patterns
         out = self.ens(xt)
         codes = out.codes
-        vals, idx = codes.values.double(), codes.indices
+        vals, idx = codes.values.double(), codes.indices  # [B, E, K]
         ok = idx >= 0
-        idxc = idx.clamp(min=0)
-        e_ix = torch.arange(E).view(1, E, 1).expand_as(idxc)
-        terms = torch.where(ok.unsqueeze(-1), vals.unsqueeze(-1) * self.latent_logit[e_ix, idxc], 0.0)  # [B,E,K,C]
-        pid = torch.where(ok, self.latent_pattern[e_ix, idxc], torch.tensor(P))
-        C = terms.shape[-1]
-        contrib = torch.zeros(B, P + 1, C, dtype=torch.float64)
-        b_ix = torch.arange(B).view(B, 1, 1).expand_as(pid)
-        contrib.index_put_((b_ix.reshape(-1), pid.reshape(-1)), terms.reshape(-1, C), accumulate=True)
-        contrib /= E
-        acts = torch.zeros(B, P + 1, dtype=torch.float64)
-        acts.index_put_((b_ix.reshape(-1), pid.reshape(-1)), torch.where(ok, vals, 0.0).reshape(-1), accumulate=True)
-        acts /= E
+        K = idx.shape[2]
+        # one flat gather and one index_add over (image, pattern) slots: the scatter of every active
+        # latent's logit term into its pattern, without [B, E, K, C] advanced-index temporaries
+        flat = (torch.arange(E).view(1, E, 1) * self.m + idx.clamp(min=0)).reshape(-1)
+        w = torch.where(ok, vals, 0.0).reshape(-1)
+        terms = self.latent_logit_flat.index_select(0, flat) * w[:, None]  # [B*E*K, C]
+        pid = torch.where(ok.reshape(-1), self.latent_pattern_flat.index_select(0, flat), torch.tensor(P))
+        slot = torch.arange(B).repeat_interleave(E * K) * (P + 1) + pid
+        C = terms.shape[1]
+        contrib = torch.zeros(B * (P + 1), C, dtype=torch.float64).index_add_(0, slot, terms).view(B, P + 1, C) / E
+        acts = torch.zeros(B * (P + 1), dtype=torch.float64).index_add_(0, slot, w).view(B, P + 1) / E
         h = self.head.hidden(xt).double()
         h_hat = out.h_hat.double().mean(1)  # [B, d_out], member mean of the actual reconstructions
         error = (h - h_hat) @ self.W2.T
@@ -300,11 +307,34 @@ def run_attribute(run: RunDir, cfg: AttributionConfig, seed: int = 0, ids: Seque
         raise ValueError(f"no images to attribute in splits {cfg.splits} (splits present: {ds.split_counts()})")
     x_all = store.features()
     labels = ds.labels()
+    t0 = time.perf_counter()
+    if dist.is_distributed():  # each rank decomposes a contiguous block of rows; rank 0 merges in rank order
+        a, b = dist.shard_range(len(rows))
+        parts = run.sub(f"{ATTR_DIR}/parts")
+        with dist.all_ranks("attribution"):
+            pred_rows, contrib_rows, worst = _decompose_rows(attr, ds, labels, x_all, rows[a:b], cfg, progress)
+            parts.mkdir(parents=True, exist_ok=True)
+            with atomic_path(parts / f"predictions-rank{dist.rank():05d}.parquet") as tmp:
+                pd.DataFrame(pred_rows).to_parquet(tmp, index=False)
+            with atomic_path(parts / f"contributions-rank{dist.rank():05d}.parquet") as tmp:
+                pd.DataFrame(contrib_rows).to_parquet(tmp, index=False)
+        worst = max(dist.all_gather(worst))
+        seconds = time.perf_counter() - t0
+        return dist.on_main(lambda: _finish(run, cfg, ds, store, ens, head, table, arrays, attr, rows, x_all,
+                                            *_merge_parts(parts), worst, seconds), what="merging the attribution")
+    pred_rows, contrib_rows, worst = _decompose_rows(attr, ds, labels, x_all, rows, cfg, progress)
+    seconds = time.perf_counter() - t0
+    return _finish(run, cfg, ds, store, ens, head, table, arrays, attr, rows, x_all, pd.DataFrame(pred_rows),
+                   pd.DataFrame(contrib_rows), worst, seconds)
+
+
+def _decompose_rows(attr: Attributor, ds, labels: np.ndarray, x_all: np.ndarray, rows: np.ndarray,
+                    cfg: AttributionConfig, progress: bool) -> tuple[list[dict[str, Any]], dict[str, list], float]:
+    """Prediction rows and reported-pattern rows for `rows` of the run, and the worst completeness error."""
     pred_rows: list[dict[str, Any]] = []
     contrib_rows: dict[str, list] = {k: [] for k in ("record_id", "finding", "pattern_id", "contribution",
                                                      "activation", "rank")}
-    worst, n_reported = 0.0, []
-    t0 = time.perf_counter()
+    worst = 0.0
     with progress_bar(total=len(rows), desc="attribution", unit="img", disable=not progress) as bar:
         for s in range(0, len(rows), cfg.batch_size):
             rb = rows[s:s + cfg.batch_size]
@@ -315,7 +345,6 @@ def run_attribute(run: RunDir, cfg: AttributionConfig, seed: int = 0, ids: Seque
                 for c, f in enumerate(FINDINGS):
                     con = batch.contributions[bi, :, c]
                     rep, cov = reported_patterns(con, cfg.coverage, cfg.max_patterns)
-                    n_reported.append(len(rep))
                     pred_rows.append({
                         "record_id": rec.id, "row": int(r), "split": rec.split, "finding": f,
                         "logit": float(batch.logit[bi, c]), "probability": float(sigmoid(batch.logit[bi, c])),
@@ -331,13 +360,35 @@ def run_attribute(run: RunDir, cfg: AttributionConfig, seed: int = 0, ids: Seque
                         contrib_rows["activation"].append(float(batch.activations[bi, p]))
                         contrib_rows["rank"].append(rank)
             bar.update(len(rb))
-    seconds = time.perf_counter() - t0
+    return pred_rows, contrib_rows, worst
+
+
+def _merge_parts(parts) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Rank 0: the ranks' tables concatenated in rank order (= the single-process row order)."""
+    tables = []
+    for kind in ("predictions", "contributions"):
+        files = [parts / f"{kind}-rank{r:05d}.parquet" for r in range(dist.world_size())]
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise RuntimeError(f"attribution parts {missing} are missing in {parts}; rerun the stage")
+        frames = [pd.read_parquet(f) for f in files]
+        nonempty = [f for f in frames if len(f)] or frames[:1]  # an empty part would turn int columns to object
+        tables.append(pd.concat(nonempty, ignore_index=True))
+    return tables[0], tables[1]
+
+
+def _finish(run: RunDir, cfg: AttributionConfig, ds, store, ens, head, table, arrays, attr: Attributor,
+            rows: np.ndarray, x_all: np.ndarray, preds: pd.DataFrame, contrib: pd.DataFrame, worst: float,
+            seconds: float) -> tuple[list[str], dict[str, Any]]:
+    """Write the tables, then faithfulness and localization on samples, and the summary."""
+    import shutil
+
     run.sub(ATTR_DIR).mkdir(parents=True, exist_ok=True)
-    preds = pd.DataFrame(pred_rows)
+    shutil.rmtree(run.sub(f"{ATTR_DIR}/parts"), ignore_errors=True)  # merged (or left by a killed run)
     with atomic_path(run.sub(PREDICTIONS)) as tmp:
         preds.to_parquet(tmp, index=False)
     with atomic_path(run.sub(CONTRIBUTIONS)) as tmp:
-        pd.DataFrame(contrib_rows).to_parquet(tmp, index=False)
+        contrib.to_parquet(tmp, index=False)
 
     # faithfulness on a sample: positive decisions first, then the most confident negatives
     rng = np.random.default_rng(cfg.seed)
@@ -354,7 +405,7 @@ def run_attribute(run: RunDir, cfg: AttributionConfig, seed: int = 0, ids: Seque
 
         loc = localization_eval(run, ds, store, ens, head, table, arrays, rows, cfg, rng)
         write_json_atomic(run.sub(LOCALIZATION), loc)
-    nr = np.array(n_reported)
+    nr = preds["n_reported"].to_numpy()
     summary = {"predictions": len(preds), "images": int(len(rows)), "completeness_error": float(f"{worst:.3g}"),
                "patterns_per_prediction": {"median": float(np.median(nr)), "p10": float(np.quantile(nr, 0.1)),
                                            "p90": float(np.quantile(nr, 0.9)), "min": int(nr.min()),

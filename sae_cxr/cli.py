@@ -1,4 +1,4 @@
-"""`sae-cxr`: one subcommand per stage, plus `phantom` and `demo`.
+"""`sae-cxr`: one subcommand per stage, plus `phantom`, `demo`, `run` (a config file) and `search`.
 
 The CLI only parses arguments and calls the pipeline or a stage module; errors a user can act
 on (bad input, a missing stage) are printed as one line and exit with status 2.
@@ -74,15 +74,117 @@ def cmd_demo(a: argparse.Namespace) -> int:
     if a.n is not None:
         kwargs["n"] = a.n
     cfg = demo_config(a.out, **kwargs)
-    run = RunDir(a.out, create=True)
+    from sae_cxr import distributed as dist
+
+    dist.on_main(lambda: RunDir(a.out, create=True), what="creating the run directory")
+    dist.check_shared_dir(a.out)
+    run = RunDir(a.out)
     t0 = time.perf_counter()
+    run_pipeline(run, cfg, force=a.force, on_stage=_stage_printer(t0))
+    _say(f"demo finished in {time.perf_counter() - t0:.1f} s: {run.path}")
+    return 0
+
+
+def _stage_printer(t0: float) -> Callable[[str, dict[str, Any]], None]:
+    """One line per finished stage: elapsed time, the stage's own time (or 'skipped') and its summary."""
 
     def report(name: str, summary: dict[str, Any]) -> None:
         state = "skipped (up to date)" if summary.get("skipped") else f"{summary.get('seconds', 0):.1f} s"
-        print(f"[{time.perf_counter() - t0:6.1f} s] {name:<18} {state}  {_short(summary)}", flush=True)
+        _say(f"[{time.perf_counter() - t0:6.1f} s] {name:<18} {state}  {_short(summary)}")
 
-    run_pipeline(run, cfg, force=a.force, on_stage=report)
-    print(f"demo finished in {time.perf_counter() - t0:.1f} s: {run.path}")
+    return report
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="run every stage from a config file (real data sets: see configs/)",
+                       description="Run the pipeline's stages in order from a RunConfig file (JSON or TOML). A stage "
+                                   "whose inputs have not changed since it last finished is skipped; --force redoes "
+                                   "a stage (and the stages after it, whose inputs it changes).")
+    p.add_argument("--config", required=True, help="a RunConfig JSON/TOML file, e.g. configs/chexpert.toml")
+    p.add_argument("--run", default=None, help="run directory (default: artifacts/<name from the config>)")
+    p.add_argument("--force", nargs="*", default=[], metavar="STAGE", help="redo these stages (and all after them)")
+    p.add_argument("--until", default=None, metavar="STAGE", help="stop after this stage")
+    p.add_argument("--from", dest="start", default=None, metavar="STAGE",
+                   help="start at this stage (the ones before it must have finished)")
+    p.set_defaults(func=cmd_run)
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    from sae_cxr.config import RunConfig
+    from sae_cxr.pipeline import absolute_paths, run_pipeline, stage_names
+    from sae_cxr.run import RunDir, check_run_name
+
+    cfg = absolute_paths(RunConfig.load(a.config), Path.cwd())
+    names = stage_names()
+    for flag, stage in (("--from", a.start), ("--until", a.until)):
+        if stage is not None and stage not in names:
+            raise ValueError(f"{flag} {stage!r} is not a stage; stages: {', '.join(names)}")
+    first = names.index(a.start) if a.start else 0
+    last = names.index(a.until) if a.until else len(names) - 1
+    if first > last:
+        raise ValueError(f"--from {a.start} comes after --until {a.until}")
+    run_path = Path(a.run) if a.run else Path("artifacts") / check_run_name(cfg.name)
+    run = RunDir(run_path, create=True)
+    t0 = time.perf_counter()
+    print(f"run {run.path}: stages {names[first]} .. {names[last]} from {a.config}", flush=True)
+    run_pipeline(run, cfg, stages=names[first:last + 1], force=a.force, on_stage=_stage_printer(t0))
+    print(f"finished in {time.perf_counter() - t0:.1f} s: {run.path}")
+    if "report" in names[first:last + 1]:
+        for split in cfg.report.splits:
+            print(f"report ({split}): {run.path / 'reports' / split / 'index.html'}")
+    return 0
+
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="batch attribution report: offline HTML, evidence table, JSON per image",
+                       description="Without --split/--ids/--out: run the 'report' stage (every split in the run's "
+                                   "report config, skipped when up to date). With them: build one report now, for "
+                                   "a split or a list of images, into --out (default <run>/reports/<split>/).")
+    p.add_argument("--run", required=True, help="a run directory whose attribute stage has finished")
+    p.add_argument("--split", default=None, help="the split to report (default test)")
+    p.add_argument("--ids", default=None, metavar="FILE", help="report only these record ids (one per line)")
+    p.add_argument("--out", default=None, metavar="DIR", help="output folder (replaced if it holds a report)")
+    p.add_argument("--max-images", type=int, default=None, help="report at most this many images")
+    p.add_argument("--per-page", type=int, default=None, help="images per HTML page (default 50)")
+    p.add_argument("--config", default=None, help="a RunConfig JSON/TOML (stage mode; default: the run's own)")
+    p.add_argument("--force", action="store_true", help="stage mode: rebuild even if up to date")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_report(a: argparse.Namespace) -> int:
+    from sae_cxr.config import RunConfig
+    from sae_cxr.pipeline import config_from_run, run_stage
+    from sae_cxr.report import ReportConfig, build_report, read_ids_file, rerecord_stage_outputs
+    from sae_cxr.run import RunDir
+
+    run = RunDir(a.run)
+    if a.split is None and a.ids is None and a.out is None and a.max_images is None and a.per_page is None:
+        cfg = RunConfig.load(a.config) if a.config else config_from_run(run)
+        summary = run_stage(run, "report", cfg, force=a.force)
+        state = "up to date, skipped" if summary.get("skipped") else f"done in {summary.get('seconds', 0):.1f} s"
+        print(f"report: {state}")
+        for split in cfg.report.splits:
+            s = summary.get(split, {})
+            print(f"  {split}: {s.get('images')} images, {s.get('pages')} pages, {s.get('images_per_s')} images/s: "
+                  f"{run.path / 'reports' / split / 'index.html'}")
+        return 0
+    if a.config or a.force:
+        raise ValueError("--config and --force belong to stage mode (no --split/--ids/--out); a report built with "
+                         "--split/--ids/--out is always rebuilt from the run as it is")
+    kwargs: dict[str, Any] = {"split": a.split or "test", "progress": not a.no_progress}
+    if a.ids:
+        kwargs["ids"] = tuple(read_ids_file(a.ids))
+    if a.max_images is not None:
+        kwargs["max_images"] = a.max_images
+    if a.per_page is not None:
+        kwargs["per_page"] = a.per_page
+    res = build_report(run, ReportConfig(**kwargs), out=a.out)
+    if rerecord_stage_outputs(run, res.out):
+        print("(the report stage's recorded checksums were refreshed for the rebuilt folder)")
+    print(f"report: {res.images} images on {res.pages} pages in {res.seconds:.1f} s ({res.images_per_s:.0f} images/s)")
+    print(f"  {res.out / 'index.html'}")
+    print(f"  manifest sha256 {res.manifest_sha256}")
     return 0
 
 
@@ -106,6 +208,8 @@ STAGE_FLAGS: dict[str, list[tuple[str, str, str, Any, str]]] = {
         ("--mode", "extract", "mode", str, "image | multimodal (image + report, 2x dim)"),
         ("--patches", "extract", "patches", str, "keep patch tokens for: all | eval | none"),
         ("--batch-size", "extract", "batch_size", int, "images per forward pass"),
+        ("--shard-size", "extract", "shard_size", int, "records per shard file: the unit of resume and, under "
+                                                        "torchrun, of the work given to each rank"),
         ("--workers", "extract", "num_workers", int, "image-decoding processes (-1 = auto)"),
         ("--device", "extract", "device", str, "auto | cpu | cuda | cuda:N"),
     ],
@@ -153,23 +257,35 @@ def _apply_overrides(cfg: Any, args: argparse.Namespace) -> tuple[bool, Any]:
 
 
 def cmd_stage(a: argparse.Namespace) -> int:
+    from sae_cxr import distributed as dist
     from sae_cxr.config import RunConfig
     from sae_cxr.pipeline import config_from_run, get_stage, run_stage
     from sae_cxr.run import RunDir
 
-    run = RunDir(a.run, create=True)
+    # under torchrun: rank 0 creates the run, every rank must see it (shared file system)
+    dist.on_main(lambda: RunDir(a.run, create=True), what="creating the run directory")
+    dist.check_shared_dir(a.run)
+    run = RunDir(a.run)
     cfg = RunConfig.load(a.config) if a.config else config_from_run(run)
     touched_data, cfg = _apply_overrides(cfg, a)
     stage = get_stage(a.stage)
-    if "data" in stage.depends and (touched_data or run.stage("data") is None):
-        print(f"data: {_short(run_stage(run, 'data', cfg))}")
+    if "data" in stage.depends and dist.broadcast(touched_data or run.stage("data") is None):
+        _say(f"data: {_short(run_stage(run, 'data', cfg))}")
     summary = run_stage(run, a.stage, cfg, force=a.force)
     state = "up to date, skipped" if summary.get("skipped") else f"done in {summary.get('seconds', 0):.1f} s"
-    print(f"{a.stage}: {state}")
+    _say(f"{a.stage}: {state}")
     for k, v in summary.items():
         if k not in ("skipped", "seconds"):
-            print(f"  {k}: {json.dumps(v, default=str) if isinstance(v, (dict, list)) else v}")
+            _say(f"  {k}: {json.dumps(v, default=str) if isinstance(v, (dict, list)) else v}")
     return 0
+
+
+def _say(msg: str) -> None:
+    """Print on rank 0 only: under torchrun every rank runs the command and would repeat it."""
+    from sae_cxr import distributed as dist
+
+    if dist.is_main():
+        print(msg, flush=True)
 
 
 def _add_search(sub: argparse._SubParsersAction) -> None:
@@ -210,27 +326,45 @@ def build_parser() -> argparse.ArgumentParser:
     from sae_cxr.pipeline import STAGES
 
     for stage in STAGES:
-        _add_stage(sub, stage.name, stage.description)
+        if stage.name not in CUSTOM_STAGE_COMMANDS:
+            _add_stage(sub, stage.name, stage.description)
     return p
 
 
-ADDERS: list[Callable[[argparse._SubParsersAction], None]] = [_add_phantom, _add_demo, _add_search]
+ADDERS: list[Callable[[argparse._SubParsersAction], None]] = [_add_phantom, _add_demo, _add_run, _add_search,
+                                                              _add_report]
+CUSTOM_STAGE_COMMANDS = ("report",)  # stages whose subcommand has its own flags (added by ADDERS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Parse and run one command. Under torchrun (WORLD_SIZE > 1) every rank runs it inside one
+    torch.distributed process group; ranks other than 0 keep quiet except for errors."""
+    from sae_cxr import distributed as dist
+
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        return int(args.func(args) or 0)
+        env = dist.launch_env()
+    except dist.DistributedError as e:
+        print(f"sae-cxr {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    quiet = env.rank != 0
+    if quiet:
+        os.environ["SAE_CXR_NO_PROGRESS"] = "1"  # one progress bar per job, rank 0's
+    logging.basicConfig(level=logging.INFO if args.verbose and not quiet else logging.WARNING,
+                        format=f"%(asctime)s {'[rank %d] ' % env.rank if env.launched else ''}"
+                               "%(name)s %(levelname)s %(message)s")
+    prefix = f"[rank {env.rank}/{env.world_size}] " if env.launched else ""
+    try:
+        with dist.session():
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(f"{prefix}interrupted", file=sys.stderr)
         return 130
-    except USER_ERRORS as e:
+    except USER_ERRORS + (dist.DistributedError,) as e:
         if args.verbose:
             raise
-        print(f"sae-cxr {args.command}: error: {e}", file=sys.stderr)
+        print(f"{prefix}sae-cxr {args.command}: error: {e}", file=sys.stderr)
         return 2
 
 

@@ -18,11 +18,13 @@ from typing import Any, TypeVar
 from sae_cxr.attribution import AttributionConfig
 from sae_cxr.classifier import ClassifierConfig
 from sae_cxr.data.phantom import PhantomConfig
+from sae_cxr.evaluate import EvalConfig
 from sae_cxr.explain import ExplainStageConfig
 from sae_cxr.extract import ExtractConfig
 from sae_cxr.gallery import GalleryConfig
 from sae_cxr.labeling.stage import LabelConfig
 from sae_cxr.patterns import PatternConfig
+from sae_cxr.report import ReportStageConfig
 from sae_cxr.transcoders.stage import TranscoderStageConfig
 
 T = TypeVar("T")
@@ -110,6 +112,8 @@ class RunConfig:
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
     label: LabelConfig = field(default_factory=LabelConfig)
     explain: ExplainStageConfig = field(default_factory=ExplainStageConfig)
+    report: ReportStageConfig = field(default_factory=ReportStageConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)

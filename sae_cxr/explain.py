@@ -957,7 +957,7 @@ def run_explain(run, cfg: ExplainStageConfig, llm_config=None, progress: bool = 
         summary[a] = {"simulatability_decision": _round(m["simulatability"]["decision"]["accuracy"]),
                       "simulatability_evidence_only": _round(m["simulatability"]["decision_evidence_only"]["accuracy"]),
                       "chance": _round(m["simulatability"]["decision"]["chance"]),
-                      "distinct_2": round(m["diversity"]["distinct_2"], 3),
+                      "distinct_2": _round(m["diversity"]["distinct_2"]),
                       "self_bleu4": None if m["diversity"]["self_bleu4"] is None else round(m["diversity"]["self_bleu4"], 3),
                       "plausibility_rouge_l": _round(m["plausibility"].get("rouge_l_mean")),
                       "plausibility_bleu4": _round(m["plausibility"].get("bleu4_corpus"))}

@@ -10,6 +10,11 @@ Layout (embeddings/):
 Shards are written atomically, one at a time; each records the hash of the settings that made it,
 so a killed extraction rerun keeps its finished shards and does only the rest. Memory is bounded
 by the shard size and the batch size, never by the data set.
+
+Under torchrun (sae_cxr.distributed) the shards still to do are divided among the ranks in
+contiguous blocks; each rank writes its own shard files, and rank 0 writes index.json once every
+rank has finished. A shard is the same record range with the same batches whichever rank embeds
+it, so the files are the ones a single process writes.
 """
 
 from __future__ import annotations
@@ -68,9 +73,10 @@ class ExtractConfig:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    """auto = CUDA when present; under torchrun each rank on a machine gets its own GPU (LOCAL_RANK)."""
+    from sae_cxr import distributed as dist
+
+    return dist.device(name)
 
 
 class _ImageSet(Dataset):
@@ -110,7 +116,11 @@ class ShardTiming:
 def encode_records(backbone: Backbone, records: Sequence[Record], cfg: ExtractConfig, keep_patches: np.ndarray,
                    skip_bad: bool, bar=None, timing: ShardTiming | None = None) -> dict[str, np.ndarray]:
     """Embed `records` (a shard); returns the arrays of one shard file."""
-    workers = cfg.num_workers if cfg.num_workers >= 0 else min(4, os.cpu_count() or 1)
+    from sae_cxr import distributed as dist
+
+    # ranks on one machine share its cores: split the decoding processes among them
+    workers = cfg.num_workers if cfg.num_workers >= 0 else min(4, max(1, (os.cpu_count() or 1)
+                                                                       // dist.local_world_size()))
     ds = _ImageSet(records, backbone.preprocessor, skip_bad)
     loader = DataLoader(ds, batch_size=cfg.batch_size, num_workers=workers, collate_fn=_collate,
                         persistent_workers=False, prefetch_factor=4 if workers else None)
@@ -176,8 +186,12 @@ class _null:
 
 def run_extract(run: RunDir, cfg: ExtractConfig, records: Sequence[Record], skip_bad: bool = False,
                 backbone: Backbone | None = None, progress: bool = True) -> tuple[list[str], dict[str, Any]]:
-    """Write embeddings/ for `records` (in records.parquet order), resuming from finished shards."""
+    """Write embeddings/ for `records` (in records.parquet order), resuming from finished shards.
+
+    Under torchrun every rank calls this with the same arguments (see the module docstring)."""
     from safetensors.numpy import save_file
+
+    from sae_cxr import distributed as dist
 
     if backbone is None:
         backbone = load_backbone(cfg.backbone, device=resolve_device(cfg.device))
@@ -194,46 +208,61 @@ def run_extract(run: RunDir, cfg: ExtractConfig, records: Sequence[Record], skip
     out_dir.mkdir(parents=True, exist_ok=True)
     n = len(records)
     bounds = [(s, min(s + cfg.shard_size, n)) for s in range(0, n, cfg.shard_size)]
-    shards, reused = [], 0
+    names = [f"shard-{k:05d}.safetensors" for k in range(len(bounds))]
+    # rank 0 decides which shards are still to do, so that all ranks divide the same list
+    done = dist.on_main(lambda: [_shard_matches(out_dir / nm, settings_hash, s, e)
+                                 for nm, (s, e) in zip(names, bounds)], what="checking finished shards")
+    todo = [k for k, ok in enumerate(done) if not ok]
+    mine = list(dist.shard(todo))
+    reused = len(bounds) - len(todo)
     timing = ShardTiming()
     t0 = time.perf_counter()
-    with progress_bar(total=n, desc=f"extract ({backbone.name})", unit="img", disable=not progress) as bar:
-        for k, (s, e) in enumerate(bounds):
-            name = f"shard-{k:05d}.safetensors"
-            path = out_dir / name
-            if _shard_matches(path, settings_hash, s, e):
-                reused += 1
-                bar.update(e - s)
-            else:
+    total = n if not dist.is_distributed() else sum(bounds[k][1] - bounds[k][0] for k in mine)
+    with dist.all_ranks("extraction"):
+        with progress_bar(total=total, desc=f"extract ({backbone.name})", unit="img", disable=not progress) as bar:
+            if not dist.is_distributed():
+                bar.update(sum(e - s for ok, (s, e) in zip(done, bounds) if ok))
+            for k in mine:
+                s, e = bounds[k]
                 arrays = encode_records(backbone, records[s:e], cfg, keep[s:e], skip_bad, bar, timing)
                 meta = {"settings": settings_hash, "start": str(s), "stop": str(e)}
-                with atomic_path(path) as tmp:
+                with atomic_path(out_dir / names[k]) as tmp:
                     save_file(arrays, str(tmp), metadata=meta)
-            shards.append({"file": name, "start": s, "stop": e})
-    for stale in out_dir.glob("shard-*.safetensors"):
-        if stale.name not in {sh["file"] for sh in shards}:
-            stale.unlink()
-    grid = None
-    if any(keep):
-        enc = backbone.encode_images([np.zeros((32, 32), np.float32)], with_patches=True)
-        grid = list(enc.grid)
-    dim = backbone.embed_dim * (2 if cfg.mode == "multimodal" else 1)
-    index = {"backbone": info, "mode": cfg.mode, "dim": dim, "embed_dim": backbone.embed_dim, "grid": grid,
-             "n": n, "shards": shards, "settings": settings_hash, "patches": cfg.patches}
-    write_json_atomic(run.sub(INDEX), index)
-    store = EmbeddingStore(run, verify=False)
-    invalid = int((~store.valid).sum())
-    seconds = time.perf_counter() - t0
-    computed = timing.images
-    summary = {"images": n, "dim": dim, "backbone": info["name"], "mode": cfg.mode, "shards": len(shards),
-               "shards_reused": reused, "unreadable": invalid,
-               "images_per_s": round(computed / seconds, 1) if computed else None,
-               "decode_wait_share": round(timing.decode_wait_s / max(timing.decode_wait_s + timing.model_s, 1e-9), 3)
-               if computed else None}
-    if invalid:
-        bad = [records[i].id for i in np.flatnonzero(~store.valid)[:20]]
-        write_json_atomic(run.sub("embeddings/unreadable.json"), {"count": invalid, "first_ids": bad})
-    return [EMB_DIR], summary
+    shards = [{"file": nm, "start": s, "stop": e} for nm, (s, e) in zip(names, bounds)]
+    per_rank = dist.all_gather((timing.images, timing.decode_wait_s, timing.model_s))
+    computed = sum(p[0] for p in per_rank)
+    decode_wait = sum(p[1] for p in per_rank)
+    model_s = sum(p[2] for p in per_rank)
+
+    def finish() -> tuple[list[str], dict[str, Any]]:
+        """Rank 0, after every rank wrote its shards: index.json, the unreadable list, the summary."""
+        for stale in out_dir.glob("shard-*.safetensors"):
+            if stale.name not in set(names):
+                stale.unlink()
+        grid = None
+        if any(keep):
+            enc = backbone.encode_images([np.zeros((32, 32), np.float32)], with_patches=True)
+            grid = list(enc.grid)
+        dim = backbone.embed_dim * (2 if cfg.mode == "multimodal" else 1)
+        index = {"backbone": info, "mode": cfg.mode, "dim": dim, "embed_dim": backbone.embed_dim, "grid": grid,
+                 "n": n, "shards": shards, "settings": settings_hash, "patches": cfg.patches}
+        write_json_atomic(run.sub(INDEX), index)
+        store = EmbeddingStore(run, verify=False)
+        invalid = int((~store.valid).sum())
+        seconds = time.perf_counter() - t0
+        summary = {"images": n, "dim": dim, "backbone": info["name"], "mode": cfg.mode, "shards": len(shards),
+                   "shards_reused": reused, "unreadable": invalid,
+                   "images_per_s": round(computed / seconds, 1) if computed else None,
+                   "decode_wait_share": round(decode_wait / max(decode_wait + model_s, 1e-9), 3)
+                   if computed else None}
+        if dist.is_distributed():
+            summary["shards_per_rank"] = [len(dist.shard(todo, r)) for r in range(dist.world_size())]
+        if invalid:
+            bad = [records[i].id for i in np.flatnonzero(~store.valid)[:20]]
+            write_json_atomic(run.sub("embeddings/unreadable.json"), {"count": invalid, "first_ids": bad})
+        return [EMB_DIR], summary
+
+    return dist.on_main(finish, what="writing embeddings/index.json")
 
 
 def _shard_matches(path: Path, settings_hash: str, start: int, stop: int) -> bool:

@@ -16,13 +16,14 @@ the pattern's spatial map.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from sae_cxr.findings import CONCEPT_NAMES, FINDINGS
+from sae_cxr.index import IndexConfig
 from sae_cxr.run import RunDir, atomic_path, write_json_atomic
 
 GAL_DIR = "galleries"
@@ -45,6 +46,9 @@ class GalleryConfig:
     heldout_negatives: int = 20
     histogram_bins: int = 30
     seed: int = 0
+    index: IndexConfig = field(default_factory=IndexConfig)
+    """The run's FAISS indices: type by size (exact, HNSW/IVF, IVF-PQ above compressed_above),
+    shards by size (max_shard_bytes), recall@k against exact search measured on a sample."""
 
 
 def build_galleries(act_rows: np.ndarray, act_cols: np.ndarray, act_vals: np.ndarray, n: int, p: int,
@@ -161,7 +165,7 @@ def run_galleries(run: RunDir, cfg: GalleryConfig, seed: int = 0) -> tuple[list[
                                "patterns_with_heldout_top": int(gal[gal["kind"] == "heldout_top"]["pattern_id"].nunique())}
     from sae_cxr.search import build_run_indices
 
-    idx_outputs, idx_summary = build_run_indices(run, store)
+    idx_outputs, idx_summary = build_run_indices(run, store, cfg.index)
     outputs += idx_outputs
     summary["indices"] = idx_summary
     return outputs, summary

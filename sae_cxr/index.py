@@ -93,6 +93,11 @@ class IndexConfig:
     one machine's memory (each shard saves to its own file) or to spread over several GPUs.
     IVF shards share one trained quantizer, so sharding does not change which cells a query
     probes; results are merged exactly across shards."""
+    max_shard_bytes: int | None = None
+    """Shards by size: when set, the index is split into as many shards as it takes for each to
+    hold at most this many bytes (codes or vectors, ids, and its copy of any quantizer), and at
+    least `shards`; e.g. one GPU's memory, or what one machine can give the index. With IVF-PQ's
+    72 B per vector a 40 GiB budget holds ~590M vectors per shard. None: exactly `shards`."""
     use_gpu: str = "auto"
     """"auto": use the GPU(s) when faiss-gpu sees any; "never"; "always": fail if none."""
     seed: int = 0
@@ -152,6 +157,8 @@ class IndexConfig:
                 raise VectorIndexError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.rerank_factor < 0:
             raise VectorIndexError(f"rerank_factor must be >= 0, got {self.rerank_factor}")
+        if self.max_shard_bytes is not None and self.max_shard_bytes < 1:
+            raise VectorIndexError(f"max_shard_bytes must be >= 1 or None, got {self.max_shard_bytes}")
         for name in ("ef_search", "nlist", "nprobe", "train_size"):
             v = getattr(self, name)
             if v is not None and v < 1:
@@ -186,8 +193,15 @@ class IndexPlan:
     bytes_per_vector: float = 0.0
     """Index memory per vector (codes or floats + graph links + stored id), excluding fixed parts."""
     fixed_bytes: int = 0
-    """Size-independent memory: IVF centroids, PQ codebooks."""
+    """Size-independent memory: IVF centroids, PQ codebooks (each IVF shard holds a copy)."""
     reason: str = ""
+    shards: int = 1
+    """Sub-indices behind faiss.IndexShards: `IndexConfig.shards`, or more by `max_shard_bytes`."""
+
+    def shard_bytes(self) -> int:
+        """Expected memory of one shard at `expected_count` vectors (the largest, when uneven)."""
+        per = math.ceil(self.expected_count / max(1, self.shards))
+        return int(per * self.bytes_per_vector + self.fixed_bytes)
 
     @property
     def needs_training(self) -> bool:
@@ -244,20 +258,38 @@ def _largest_divisor_at_most(d: int, m: int) -> int:
 
 
 def make_plan(n: int, dim: int, cfg: IndexConfig, gpu: bool = False) -> IndexPlan:
-    """The index type and all its parameters for `n` vectors of `dim` dims under `cfg`."""
+    """The index type and all its parameters for `n` vectors of `dim` dims under `cfg`, including
+    the shard count: `cfg.shards`, raised until each shard fits `cfg.max_shard_bytes`."""
+    plan = _make_plan(n, dim, cfg, gpu, cfg.shards)
+    if cfg.max_shard_bytes is None or plan.shard_bytes() <= cfg.max_shard_bytes:
+        return plan
+    room = cfg.max_shard_bytes - plan.fixed_bytes
+    if room < plan.bytes_per_vector:
+        raise VectorIndexError(f"max_shard_bytes={cfg.max_shard_bytes} cannot hold a {plan.kind} shard: its fixed part "
+                               f"(centroids, codebooks) alone is {plan.fixed_bytes} B; raise max_shard_bytes or lower nlist")
+    # a sharded flat/HNSW index gains an IDMap (8 B per vector); IVF lists store ids already
+    id_extra = 8 if plan.kind in ("flat", "hnsw") and cfg.shards == 1 else 0
+    shards = max(cfg.shards, math.ceil(n * (plan.bytes_per_vector + id_extra) / room))
+    plan = _make_plan(n, dim, cfg, gpu, shards)
+    plan.reason += (f"; {shards} shards of <= {plan.shard_bytes() / 2**20:.0f} MiB "
+                    f"(max_shard_bytes={cfg.max_shard_bytes})")
+    return plan
+
+
+def _make_plan(n: int, dim: int, cfg: IndexConfig, gpu: bool, shards: int) -> IndexPlan:
     kind = select_kind(n, cfg, gpu)
     fsize = 4 * dim
     id_bytes = 8  # IVF lists and the IDMap of a sharded flat/HNSW index store an int64 per vector
-    extra_id = id_bytes if cfg.shards > 1 else 0
+    extra_id = id_bytes if shards > 1 else 0
     if kind == "flat":
         return IndexPlan(kind=kind, expected_count=n, dim=dim, factory="Flat", bytes_per_vector=fsize + extra_id,
-                         reason=f"{n} < exact_below={cfg.exact_below}: exact search")
+                         reason=f"{n} < exact_below={cfg.exact_below}: exact search", shards=shards)
     if kind == "hnsw":
         m = cfg.hnsw_m
         ef = cfg.ef_search or hnsw_ef_search(n)
         return IndexPlan(kind=kind, expected_count=n, dim=dim, factory=f"HNSW{m}", hnsw_m=m,
                          ef_construction=cfg.ef_construction, ef_search=ef,
-                         bytes_per_vector=fsize + 2 * 4 * m + extra_id,
+                         bytes_per_vector=fsize + 2 * 4 * m + extra_id, shards=shards,
                          reason=f"exact_below={cfg.exact_below} <= {n} <= compressed_above={cfg.compressed_above}: "
                                 f"HNSW (M={m}, efSearch={ef})")
     nlist = cfg.nlist or ivf_nlist(n)
@@ -266,7 +298,7 @@ def make_plan(n: int, dim: int, cfg: IndexConfig, gpu: bool = False) -> IndexPla
     if kind == "ivf":
         return IndexPlan(kind=kind, expected_count=n, dim=dim, factory=f"IVF{nlist},Flat", nlist=nlist, nprobe=nprobe,
                          train_size=min(n, train), bytes_per_vector=fsize + id_bytes, fixed_bytes=nlist * fsize,
-                         reason=f"exact_below={cfg.exact_below} <= {n} <= compressed_above={cfg.compressed_above}: "
+                         shards=shards, reason=f"exact_below={cfg.exact_below} <= {n} <= compressed_above={cfg.compressed_above}: "
                                 f"IVF (nlist={nlist}, nprobe={nprobe})")
     pq_m = _largest_divisor_at_most(dim, cfg.pq_bytes * 8 // cfg.pq_nbits)
     if cfg.train_size is None:
@@ -275,7 +307,7 @@ def make_plan(n: int, dim: int, cfg: IndexConfig, gpu: bool = False) -> IndexPla
     return IndexPlan(kind=kind, expected_count=n, dim=dim, factory=f"IVF{nlist},PQ{pq_m}x{cfg.pq_nbits}", nlist=nlist,
                      nprobe=nprobe, pq_m=pq_m, pq_nbits=cfg.pq_nbits, train_size=min(n, train),
                      bytes_per_vector=code + id_bytes, fixed_bytes=nlist * fsize + (1 << cfg.pq_nbits) * fsize,
-                     reason=f"{n} > compressed_above={cfg.compressed_above}: IVF-PQ, {code} B codes "
+                     shards=shards, reason=f"{n} > compressed_above={cfg.compressed_above}: IVF-PQ, {code} B codes "
                             f"(nlist={nlist}, nprobe={nprobe})")
 
 
@@ -504,10 +536,10 @@ class VectorIndex:
                 # costs 40 s even on 10k points) although we never search in polysemous mode.
                 ivfpq.do_polysemous_training = False
             self._train(template, sample, use_gpu)
-            parts = [template] + [faiss.clone_index(template) for _ in range(self.config.shards - 1)]
+            parts = [template] + [faiss.clone_index(template) for _ in range(plan.shards - 1)]
         else:
-            factory = ("IDMap," if self.config.shards > 1 else "") + plan.factory
-            parts = [faiss.index_factory(dim, factory, self._faiss_metric) for _ in range(self.config.shards)]
+            factory = ("IDMap," if plan.shards > 1 else "") + plan.factory
+            parts = [faiss.index_factory(dim, factory, self._faiss_metric) for _ in range(plan.shards)]
             if plan.kind == "hnsw":
                 for p in parts:
                     _hnsw_of(p).hnsw.efConstruction = plan.ef_construction

@@ -65,7 +65,7 @@ def ingest(run: RunDir, cfg: DataConfig, seed: int = 0) -> tuple[list[str], dict
         if SKIPPED not in outputs and PHANTOM_DIR not in outputs:
             outputs.append(SKIPPED)
     run.update_manifest(dataset=ds.spec)
-    summary = {"records": len(ds), "splits": ds.split_counts(), "skipped": len(ds.skipped), "source": cfg.source}
+    summary = {"records": len(ds), "splits": ds.split_counts(), "unreadable_skipped": len(ds.skipped), "source": cfg.source}
     return outputs, summary
 
 

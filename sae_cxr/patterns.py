@@ -64,8 +64,10 @@ class PatternConfig:
     weight_decoder: float = 1.0
     weight_encoder: float = 1.0
     weight_activation: float = 1.0
-    threshold: float | None = None
-    """Similarity needed to join a pattern; None = Otsu's threshold on the best-match distribution."""
+    threshold: float | None = 0.5
+    """Similarity needed to join a pattern; None = Otsu's threshold on the best-match distribution.
+    0.5 by default: Otsu splits the best-match histogram high (0.81 on the demo) and leaves most
+    latents of a concept unassigned, so each concept's evidence scatters over singletons."""
     threshold_bounds: tuple[float, float] = (0.35, 0.9)
     """Clamp for the automatic threshold (guards a unimodal distribution)."""
     min_stability: float = 0.1

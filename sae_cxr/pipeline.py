@@ -34,6 +34,9 @@ class Stage:
     config_keys: tuple[str, ...]  # RunConfig sections whose change invalidates the stage
     fn: StageFn
     description: str
+    distributed: bool = False
+    """Under torchrun every rank runs the stage function (it shards its work by rank and rank 0
+    merges); otherwise rank 0 runs it alone and the other ranks wait for its result."""
 
 
 def _stage_data(run: RunDir, cfg: RunConfig) -> StageResult:
@@ -92,24 +95,43 @@ def _stage_explain(run: RunDir, cfg: RunConfig) -> StageResult:
     return StageResult(*run_explain(run, cfg.explain, llm_config=cfg.label.lmm))
 
 
+def _stage_report(run: RunDir, cfg: RunConfig) -> StageResult:
+    from sae_cxr.report import run_report_stage
+
+    return StageResult(*run_report_stage(run, cfg.report))
+
+
+def _stage_eval(run: RunDir, cfg: RunConfig) -> StageResult:
+    from sae_cxr.evaluate import run_eval
+
+    return StageResult(*run_eval(run, cfg.eval))
+
+
 STAGES: list[Stage] = [
     Stage("data", (), ("data",), _stage_data, "load or generate the images and write records.parquet"),
     Stage("extract", ("data",), ("extract",), _stage_extract,
-          "embed every image (and report) with the backbone; patch tokens for the evaluation splits"),
+          "embed every image (and report) with the backbone; patch tokens for the evaluation splits",
+          distributed=True),
     Stage("train-classifier", ("extract",), ("classifier",), _stage_classifier,
           "train the diagnostic head on the embeddings; AUROC/AUPRC per finding with bootstrap intervals"),
     Stage("train-transcoders", ("train-classifier",), ("transcoders",), _stage_transcoders,
-          "train the transcoder ensemble (x -> the head's hidden layer) in one vectorised pass; per-member metrics"),
+          "train the transcoder ensemble (x -> the head's hidden layer) in one vectorised pass; per-member metrics",
+          distributed=True),
     Stage("patterns", ("train-transcoders",), ("patterns",), _stage_patterns,
           "consolidate the members' latents into stable patterns; monosemanticity and concept recovery"),
     Stage("galleries", ("patterns",), ("galleries",), _stage_galleries,
           "activation galleries per pattern and FAISS indices over images and patterns"),
     Stage("attribute", ("galleries",), ("attribution",), _stage_attribute,
-          "decompose every prediction exactly into patterns; faithfulness and localization"),
+          "decompose every prediction exactly into patterns; faithfulness and localization",
+          distributed=True),
     Stage("label", ("attribute",), ("label",), _stage_label,
           "name every pattern (evidence, text tower, LMM) and verify the names on held-out images"),
     Stage("explain", ("label",), ("explain",), _stage_explain,
           "natural-language explanations for clinicians and lay readers; NLE metrics"),
+    Stage("report", ("explain",), ("report",), _stage_report,
+          "batch attribution reports per split: offline HTML, the long evidence table, JSON per image"),
+    Stage("eval", ("explain",), ("eval",), _stage_eval,
+          "grade the run against the targets: metrics.json, plots, summary.md, the shortcut audit"),
 ]
 
 
@@ -135,28 +157,52 @@ def inputs_hash(run: RunDir, stage: Stage, cfg: RunConfig) -> str:
 
 
 def run_stage(run: RunDir, name: str, cfg: RunConfig, force: bool = False) -> dict[str, Any]:
-    """Run one stage unless it is already done with the same inputs; return its summary."""
+    """Run one stage unless it is already done with the same inputs; return its summary.
+
+    Under torchrun (see sae_cxr.distributed) every rank calls this with the same arguments: rank 0
+    alone decides whether to skip and alone touches the manifest; a distributed stage runs on every
+    rank, any other stage on rank 0 while the others wait. All ranks return rank 0's summary.
+    """
+    from sae_cxr import distributed as dist
+
     stage = get_stage(name)
     for dep in stage.depends:
         run.require(dep, hint=f"stage {name!r} needs it: run `sae-cxr {dep} --run {run.path}` first")
     h = inputs_hash(run, stage, cfg)
-    if not force and run.is_done(name, h):
+    dist.check_same(f"the inputs of stage {name!r} (config and upstream outputs)", h)
+    skip = dist.broadcast(not force and run.is_done(name, h))
+    if skip:
         log.info("stage %s: up to date, skipped", name)
         info = run.stage(name)
-        return {"skipped": True, **(info.summary if info else {})}
-    later = [s.name for s in STAGES[STAGES.index(stage) + 1:]]
-    run.invalidate(*later) if force else None
-    run.set_config("run", {"name": cfg.name, "seed": cfg.seed})
-    for key in stage.config_keys:
-        run.set_config(key, to_dict(getattr(cfg, key)))
-    run.begin_stage(name, h)
+        return {**(info.summary if info else {}), "skipped": True}  # the flag last: a summary key never hides it
+
+    def begin() -> None:
+        later = [s.name for s in STAGES[STAGES.index(stage) + 1:]]
+        run.invalidate(*later) if force else None
+        run.set_config("run", {"name": cfg.name, "seed": cfg.seed})
+        for key in stage.config_keys:
+            run.set_config(key, to_dict(getattr(cfg, key)))
+        run.begin_stage(name, h)
+
+    dist.on_main(begin, what=f"starting stage {name!r}")
     t0 = time.perf_counter()
-    result = stage.fn(run, cfg)
+    if stage.distributed:
+        with dist.all_ranks(f"stage {name!r}"):
+            result = stage.fn(run, cfg)
+    else:
+        result = dist.on_main(stage.fn, run, cfg, what=f"stage {name!r}")
     seconds = time.perf_counter() - t0
     summary = {**result.summary, "seconds": round(seconds, 2)}
-    run.finish_stage(name, result.outputs, summary)
+    if dist.is_distributed():
+        summary["world_size"] = dist.world_size()
+
+    def finish() -> dict[str, Any]:
+        run.finish_stage(name, result.outputs, summary)
+        return summary
+
+    summary = dist.on_main(finish, what=f"recording stage {name!r}")  # the others wait: the next stage reads it
     log.info("stage %s: done in %.1f s", name, seconds)
-    return summary
+    return {**summary, "skipped": False}
 
 
 def run_pipeline(run: RunDir, cfg: RunConfig, stages: Sequence[str] | None = None,
@@ -189,6 +235,33 @@ def config_from_run(run: RunDir, base: RunConfig | None = None) -> RunConfig:
         elif key in d and value is not None:
             d[key] = value
     return from_dict(RunConfig, d)
+
+
+PATH_OPTIONS = ("image_root", "reports")
+"""data.options that name folders (resolved like data.path)."""
+
+
+def absolute_paths(cfg: RunConfig, base: str | Path) -> RunConfig:
+    """Make the config's relative paths absolute against `base` (where the user ran the command).
+
+    The manifest keeps the config, and later stages, reports and the dashboard may run from another
+    folder: a relative data path stored there would silently point elsewhere."""
+    from dataclasses import replace
+
+    base = Path(base)
+
+    def fix(p: str) -> str:
+        q = Path(p).expanduser()
+        return str(q if q.is_absolute() else (base / q).resolve())
+
+    data = replace(cfg.data, path=fix(cfg.data.path) if cfg.data.path else cfg.data.path,
+                   options={k: (fix(v) if k in PATH_OPTIONS and isinstance(v, str) else v)
+                            for k, v in cfg.data.options.items()})
+    backbone = cfg.extract.backbone
+    for prefix in ("local-dir:", "phantom:"):
+        if backbone.startswith(prefix):
+            backbone = prefix + fix(backbone[len(prefix):])
+    return replace(cfg, data=data, extract=replace(cfg.extract, backbone=backbone))
 
 
 def demo_config(out: str | Path, n: int = 6000, seed: int = 0, size: int = 128,

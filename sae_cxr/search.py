@@ -48,7 +48,10 @@ def build_run_indices(run: RunDir, store, cfg: IndexConfig | None = None) -> tup
     proto = np.concatenate([_unit(arrays["encoder_prototype"]), _unit(arrays["decoder_prototype"])], axis=1)
     pat = VectorIndex(cfg).build(proto / np.sqrt(2), table["pattern_id"].to_numpy().astype(np.int64))
     pat.save(run.sub(PATTERNS))
-    return _files(IMAGES) + _files(PATTERNS), {"images": img.info()["kind"], "image_count": len(img),
+    info = img.info()
+    return _files(IMAGES) + _files(PATTERNS), {"images": info["kind"], "image_count": len(img),
+                                               "image_shards": info["shards"], "image_index_bytes": info["memory_bytes"],
+                                               "image_recall": (info["recall"] or {}).get("recall"),
                                                "patterns": len(pat)}
 
 

@@ -199,6 +199,37 @@ def test_sharded_index_returns_the_same_top_k_as_exact():
     np.testing.assert_array_equal(i, exact_i)
 
 
+def test_max_shard_bytes_splits_by_size_and_search_stays_exact():
+    """An index beyond one machine's budget becomes IndexShards, each shard within the budget."""
+    x = rand(1000, 16, seed=7)
+    q = rand(15, 16, seed=8)
+    _, exact_i = VectorIndex().build(x).search(q, 10)
+    per_vector = 4 * 16 + 8  # float32 vector + the IDMap's int64 id
+    cfg = IndexConfig(max_shard_bytes=400 * per_vector)
+    plan = make_plan(1000, 16, cfg)
+    assert plan.kind == "flat" and plan.shards == 3 and plan.shard_bytes() <= cfg.max_shard_bytes
+    assert "3 shards" in plan.reason
+    ix = VectorIndex(cfg).build(x)
+    assert ix.info()["shards"] == 3
+    np.testing.assert_array_equal(ix.search(q, 10)[1], exact_i)
+    # a budget that fits everything keeps one shard; one below the fixed part is refused
+    assert make_plan(1000, 16, IndexConfig(max_shard_bytes=10**9)).shards == 1
+    with pytest.raises(VectorIndexError, match="fixed part"):
+        make_plan(5000, 32, IndexConfig(**SMALL, nlist=64, max_shard_bytes=1000))
+
+
+def test_sharded_ivfpq_by_size_records_its_recall_against_exact(clustered):
+    x, queries = clustered
+    cfg = IndexConfig(exact_below=300, compressed_above=3000, nlist=16, nprobe=16, pq_bytes=8,
+                      recall_queries=50, recall_k=10, max_shard_bytes=60_000, rerank_factor=0)
+    ix = VectorIndex(cfg).build(x)
+    info = ix.info()
+    assert info["kind"] == "ivfpq" and info["shards"] >= 2
+    assert info["memory_bytes"] / info["shards"] <= cfg.max_shard_bytes * 1.01
+    assert 0.3 < info["recall"]["recall"] <= 1.0 and info["recall"]["queries"] == 50
+    assert ix.recall_at_k(queries, 10, reference=x) > 0.3
+
+
 def test_chunked_add_equals_one_shot_build_for_flat():
     x = rand(1000, 16, seed=7)
     ids = np.arange(1000, dtype=np.int64) * 10 + 3

@@ -241,7 +241,7 @@ def run_label(run: RunDir, cfg: LabelConfig, progress: bool = True) -> tuple[lis
     write_labels(run.sub(LABELS), results[primary])
     summary: dict[str, Any] = {"primary": primary, "judge": judge, "patterns": p}
     if skipped:
-        summary["skipped"] = skipped
+        summary["labelers_skipped"] = skipped
     for name, labels in results.items():
         cats = pd.Series([lab.category for lab in labels]).value_counts().to_dict()
         summary[name] = {"unresolved": sum(lab.unresolved for lab in labels),

@@ -6,7 +6,10 @@ latents (see sparse_ops), per-member gradient clipping, decoder-parallel gradien
 fused Adam over the stacked parameters, decoder renormalisation. No Python loop over members.
 
 Members never couple: each member's loss depends only on its own parameters, gradients are
-clipped per member, Adam is elementwise, and the learning-rate schedule is shared.
+clipped per member, Adam is elementwise, and the learning-rate schedule is shared. Reductions
+are per member too, so a slice of the members trained alone (`member_slice_config`; one rank's
+share under torch.distributed) gives bit for bit the weights those members get in the full
+ensemble on the CPU kernels (same thread count), and float-rounding-close ones on the torch path.
 
 Resumable: with `checkpoint_dir`, the state (weights, optimiser, dead counters, step, history,
 normalisation) is written atomically every `checkpoint_every` steps; the data order is a pure
@@ -346,8 +349,11 @@ def calibrate(model: TranscoderEnsemble, x_n: Tensor, h_n: Tensor, tcfg: TrainCo
     codes = model.encode(xb)
     out, _, _ = sparse_ops.decode(codes.values, codes.indices, model.W_dec, None, None)
     rec = out[-1]  # [B, E, d]
-    num = (rec * hb[:, None, :]).sum((0, 2))
-    den = rec.pow(2).sum((0, 2)).clamp(min=1e-12)
+    # One reduction per member over its own contiguous copy: a sum over the stacked [B, E, d] tensor
+    # adds in an order that depends on E, so a slice of the members (one rank's share under
+    # torch.distributed) would start 1 ulp away from the same members inside the full ensemble.
+    num = torch.stack([(rec[:, e].contiguous() * hb).sum() for e in range(E)])
+    den = torch.stack([rec[:, e].contiguous().pow(2).sum() for e in range(E)]).clamp(min=1e-12)
     s = (num / den).clamp(min=1e-3, max=1e3)  # [E]
     model.W_enc.mul_(s.view(E, 1, 1))
     model.b_enc.mul_(s.view(E, 1))
@@ -483,3 +489,28 @@ def keep_outputs(model: TranscoderEnsemble, d_out: int) -> TranscoderEnsemble:
         getattr(out, name).copy_(t)
     return out
 
+
+def member_slice_config(cfg: EnsembleConfig, start: int, stop: int) -> EnsembleConfig:
+    """The config of members [start, stop) of `cfg` as an ensemble of their own: the same seeds and
+    k per member, so training the slice alone gives those members' weights in the full ensemble
+    (members never couple; see the module docstring). Used to divide members among ranks."""
+    if not 0 <= start < stop <= cfg.n_members:
+        raise ValueError(f"member slice [{start}, {stop}) is not inside [0, {cfg.n_members})")
+    ks = cfg.k_per_member()[start:stop]
+    return dataclasses.replace(cfg, n_members=stop - start, seeds=tuple(cfg.member_seeds()[start:stop]),
+                               k=ks[0] if isinstance(cfg.k, int) else tuple(ks))
+
+
+@torch.no_grad()
+def concat_members(cfg: EnsembleConfig, parts: list[TranscoderEnsemble]) -> TranscoderEnsemble:
+    """Stack member slices, in member order, back into one ensemble with the full config `cfg`."""
+    total = sum(p.n_members for p in parts)
+    if total != cfg.n_members:
+        raise ValueError(f"the member slices hold {total} members, the ensemble config {cfg.n_members}")
+    out = TranscoderEnsemble(cfg, device="cpu", init=False)
+    for name, t in out.state_tensors().items():
+        stacked = torch.cat([p.state_tensors()[name].cpu() for p in parts], dim=0)
+        if stacked.shape != t.shape:
+            raise ValueError(f"member slices give {name} of shape {list(stacked.shape)}, expected {list(t.shape)}")
+        getattr(out, name).copy_(stacked)
+    return out

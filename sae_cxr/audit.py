@@ -1,0 +1,175 @@
+"""Shortcut audit: how much of each finding's evidence is carried by device and artifact patterns.
+
+A classifier that leans on a pacemaker to call cardiomegaly shows it in its decompositions: the
+pacemaker pattern pushes the Cardiomegaly logit up whenever the device is there. The audit sums the
+FULL decompositions (every active pattern, not only the reported top ones, which would under-state
+a shortcut that is one of many small terms) over a split, and reads the labeler's categories: the
+same view an auditor has on real data. On the phantom world the planted shortcut is known, so the
+audit itself can be graded (`shortcut_rank`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from sae_cxr.findings import FINDINGS
+from sae_cxr.run import RunDir
+
+NUISANCE_CATEGORIES = ("device", "artifact")
+
+
+@dataclass
+class EvidenceSums:
+    """Per pattern and finding, sums over images of the decomposition's pattern terms."""
+
+    net: np.ndarray  # [P, C] sum of signed contributions
+    magnitude: np.ndarray  # [P, C] sum of |contribution|
+    n_active: np.ndarray  # [P, C] images where the pattern's term is non-zero
+    square: np.ndarray  # [P, C] sum of squared contributions
+    n_images: int = 0
+
+    def __post_init__(self) -> None:
+        if not (self.net.shape == self.magnitude.shape == self.n_active.shape == self.square.shape):
+            raise ValueError("net, magnitude, n_active and square must have the same [P, C] shape")
+        if (np.abs(self.net) > self.magnitude + 1e-9 * (1 + self.magnitude)).any():
+            raise ValueError("|net| exceeds the summed magnitude: the sums were not accumulated together")
+
+    @classmethod
+    def zeros(cls, n_patterns: int, n_findings: int) -> "EvidenceSums":
+        z = np.zeros((n_patterns, n_findings))
+        return cls(z, z.copy(), np.zeros((n_patterns, n_findings), dtype=np.int64), z.copy())
+
+    def add(self, contributions: np.ndarray) -> None:
+        """Accumulate a batch of decompositions: contributions [B, P, C]."""
+        self.net += contributions.sum(0)
+        self.magnitude += np.abs(contributions).sum(0)
+        self.n_active += (contributions != 0).sum(0)
+        self.square += (contributions ** 2).sum(0)
+        self.n_images += contributions.shape[0]
+
+    def swing(self) -> np.ndarray:
+        """[P, C] standard deviation over images of the pattern's term (logit units): how much the
+        pattern moves the logit from one image to the next. A pattern that fires on every image with
+        the same push acts as a bias and swings nothing; a shortcut that pushes only when its nuisance
+        is present swings a lot."""
+        n = max(self.n_images, 1)
+        return np.sqrt(np.maximum(self.square / n - (self.net / n) ** 2, 0.0))
+
+
+@dataclass
+class FindingAudit:
+    """Evidence on one finding over the images of some splits."""
+
+    finding: str
+    n_images: int
+    total_evidence: float
+    """Sum over images and patterns of |contribution| (logit units)."""
+    nuisance_share: float
+    """Share of total_evidence carried by patterns whose category is device or artifact."""
+    patterns: pd.DataFrame
+    """Device/artifact patterns, largest swing first: pattern_id, label, category, swing (std over images
+    of the pattern's term), mean (mean term), evidence (sum of |contribution|), share (evidence /
+    total_evidence), n_active."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.nuisance_share <= 1.0 + 1e-9:
+            raise ValueError(f"nuisance share {self.nuisance_share} outside [0, 1]")
+
+
+def audit_finding(sums: EvidenceSums, c: int, labels: pd.DataFrame, finding: str,
+                  categories: Sequence[str] = NUISANCE_CATEGORIES) -> FindingAudit:
+    """Audit finding column c. `labels` is indexed by pattern_id with columns label and category.
+
+    Patterns are ranked by their swing, not by summed magnitudes: a marker present on every image
+    with the same push shifts every logit alike (it is part of the baseline, it separates nothing),
+    while a shortcut moves the logit exactly on the images that carry its nuisance."""
+    P = sums.net.shape[0]
+    n = max(sums.n_images, 1)
+    ev = pd.DataFrame({"swing": sums.swing()[:, c], "mean": sums.net[:, c] / n, "evidence": sums.magnitude[:, c],
+                       "n_active": sums.n_active[:, c]}, index=pd.RangeIndex(P, name="pattern_id"))
+    total = float(ev["evidence"].sum())
+    ev = ev.join(labels[["label", "category"]], how="left")
+    ev["category"] = ev["category"].fillna("unlabelled")
+    nuis = ev[ev["category"].isin(categories) & (ev["evidence"] > 0)].copy()
+    nuis["share"] = nuis["evidence"] / total if total > 0 else 0.0
+    nuis = nuis.iloc[np.argsort(-nuis["swing"].to_numpy(), kind="stable")]
+    share = float(nuis["evidence"].sum() / total) if total > 0 else 0.0
+    return FindingAudit(finding=finding, n_images=sums.n_images, total_evidence=total, nuisance_share=share,
+                        patterns=nuis.reset_index()[["pattern_id", "label", "category", "swing", "mean", "evidence",
+                                                     "share", "n_active"]])
+
+
+@dataclass
+class RunAudit:
+    splits: tuple[str, ...]
+    findings: dict[str, FindingAudit] = field(default_factory=dict)
+
+    def ranked(self) -> list[FindingAudit]:
+        """Findings by the share of their evidence carried by device/artifact patterns."""
+        return sorted(self.findings.values(), key=lambda a: -a.nuisance_share)
+
+
+def label_table(run: RunDir) -> pd.DataFrame:
+    """pattern_id -> label, category from labels.jsonl."""
+    from sae_cxr.labeling.stage import load_labels
+
+    labels = load_labels(run)
+    lab = pd.DataFrame([{"pattern_id": p, "label": l.label, "category": l.category} for p, l in labels.items()],
+                       columns=["pattern_id", "label", "category"])
+    return lab.set_index("pattern_id")
+
+
+def evidence_sums(run: RunDir, splits: Sequence[str], batch_size: int = 512) -> EvidenceSums:
+    """Full decompositions of every valid image of `splits`, summed per pattern and finding."""
+    from sae_cxr.attribution import Attributor
+    from sae_cxr.classifier import load_head
+    from sae_cxr.extract import EmbeddingStore
+    from sae_cxr.ingest import open_run_dataset
+    from sae_cxr.patterns import load_patterns
+    from sae_cxr.transcoders.stage import load_ensemble
+
+    ds = open_run_dataset(run)
+    store = EmbeddingStore(run)
+    rows = np.array([i for i, r in enumerate(ds.records) if r.split in splits and store.valid[i]], dtype=np.int64)
+    if len(rows) == 0:
+        raise ValueError(f"no images to audit in split(s) {list(splits)} of {run.path}; "
+                         f"splits present: {ds.split_counts()}")
+    _, arrays = load_patterns(run)
+    attr = Attributor(load_ensemble(run), load_head(run), arrays["latent_pattern"])
+    x = store.features()
+    sums = EvidenceSums.zeros(attr.n_patterns, len(FINDINGS))
+    for s in range(0, len(rows), batch_size):
+        sums.add(attr.decompose(x[rows[s:s + batch_size]]).contributions)
+    return sums
+
+
+def audit_run(run: RunDir, splits: Sequence[str] = ("test",)) -> RunAudit:
+    """The audit of every finding of a labelled run, over the images of `splits`."""
+    sums = evidence_sums(run, splits)
+    labels = label_table(run)
+    out = RunAudit(splits=tuple(splits))
+    for c, finding in enumerate(FINDINGS):
+        out.findings[finding] = audit_finding(sums, c, labels, finding)
+    return out
+
+
+def shortcut_patterns(patterns: pd.DataFrame, nuisance: str, min_auroc: float = 0.75) -> np.ndarray:
+    """Patterns that detect the planted nuisance concept: it is their best-matching concept and they
+    detect it at concept AUROC >= min_auroc (phantom ground truth)."""
+    col = f"concept_auroc:{nuisance}"
+    if col not in patterns.columns:
+        raise ValueError(f"the pattern table has no ground truth for concept {nuisance!r} (is this a phantom run?)")
+    hit = (patterns["best_concept"] == nuisance) & (patterns[col] >= min_auroc)
+    return patterns.loc[hit, "pattern_id"].to_numpy(dtype=np.int64)
+
+
+def shortcut_rank(audit: FindingAudit, truth_ids: np.ndarray) -> int | None:
+    """1-based rank of the first true shortcut pattern among the finding's device/artifact evidence;
+    None when no true shortcut pattern is among them (the audit missed it)."""
+    ids = audit.patterns["pattern_id"].to_numpy()
+    where = np.flatnonzero(np.isin(ids, truth_ids))
+    return int(where[0]) + 1 if len(where) else None

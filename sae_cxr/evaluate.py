@@ -1,0 +1,393 @@
+"""The evaluation stage: one graded report of a run against the targets of every stage.
+
+Most numbers were measured by the stages themselves (their summaries are the contract); this stage
+gathers them, adds what needs more than one stage (the shortcut audit against the planted truth,
+monosemanticity against its random baseline, spread over members), checks them against the targets,
+and writes eval/metrics.json, eval/summary.md and plots. On real data the phantom-only parts
+(concept recovery, labeler accuracy, shortcut truth) are absent, not faked.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from sae_cxr.run import RunDir, atomic_path, write_json_atomic
+
+EVAL_DIR = "eval"
+METRICS = "eval/metrics.json"
+SUMMARY_MD = "eval/summary.md"
+PLOTS = {"ensemble": "eval/ensemble.png", "concepts": "eval/concepts.png", "localization": "eval/localization.png",
+         "deletion": "eval/deletion.png", "audit": "eval/audit.png"}
+
+
+@dataclass
+class EvalConfig:
+    """Targets the run is graded against (the issues' numbers) and the audit's settings."""
+
+    fvu_max: float = 0.10
+    """Median FVU of the members."""
+    dead_max: float = 0.05
+    """Median dead fraction of the members."""
+    spliced_auroc_drop_max: float = 0.01
+    """Largest median (over members) AUROC drop of any finding when the transcoder replaces the layer."""
+    concept_recovery_min: float = 0.9
+    """Share of planted concepts matched by a pattern at concept AUROC >= 0.9."""
+    labeler_named_min: float = 0.9
+    labeler_category_min: float = 0.9
+    completeness_error_max: float = 1e-4
+    patterns_per_prediction: tuple[int, int] = (20, 50)
+    """CXR-LanIC's range for the median number of reported patterns (informative, not a pass/fail)."""
+    audit_splits: tuple[str, ...] = ("test",)
+    """Predictions the shortcut audit reads."""
+    shortcut_min_auroc: float = 0.75
+    """A pattern is the planted shortcut's when the nuisance is its best concept at this AUROC or more."""
+
+    def __post_init__(self) -> None:
+        for name in ("patterns_per_prediction", "audit_splits"):
+            v = getattr(self, name)
+            if isinstance(v, list):
+                setattr(self, name, tuple(v))
+
+
+def _spread(values) -> dict[str, float]:
+    a = np.asarray(values, dtype=float)
+    a = a[np.isfinite(a)]
+    if not len(a):
+        return {}
+    return {"median": float(np.median(a)), "p10": float(np.quantile(a, 0.1)), "p90": float(np.quantile(a, 0.9)),
+            "min": float(a.min()), "max": float(a.max())}
+
+
+def _read(run: RunDir, rel: str) -> dict[str, Any] | None:
+    p = run.sub(rel)
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def _world(run: RunDir) -> dict[str, Any] | None:
+    return _read(run, "data/world.json")
+
+
+def classifier_metrics(run: RunDir) -> dict[str, Any]:
+    from sae_cxr.classifier import METRICS as CLS_METRICS
+
+    m = json.loads(run.verify(CLS_METRICS).read_text())["metrics"]
+    out: dict[str, Any] = {}
+    for split, per in m.items():
+        out[split] = {f: {"auroc": v["auroc"]["value"], "auroc_ci": [v["auroc"]["low"], v["auroc"]["high"]],
+                          "auprc": v["auprc"]["value"], "auprc_ci": [v["auprc"]["low"], v["auprc"]["high"]],
+                          "n": v["auroc"]["n"], "n_pos": v["auroc"]["n_pos"]} for f, v in per.items()}
+    return out
+
+
+def ensemble_metrics(run: RunDir) -> dict[str, Any]:
+    from sae_cxr.transcoders.stage import METRICS as TC_METRICS
+
+    m = json.loads(run.verify(TC_METRICS).read_text())
+    out: dict[str, Any] = {"members": len(m["fvu"])}
+    for key in ("fvu", "l0", "dead_fraction", "dense_fraction", "loss_recovered"):
+        if key in m:
+            out[key] = _spread(m[key])
+    orig = np.asarray(m["auroc_original"], dtype=float)  # [F]
+    spliced = np.asarray(m["auroc_spliced"], dtype=float)  # [E, F]
+    drop = orig[None, :] - spliced
+    out["spliced_auroc_drop"] = {f: _spread(drop[:, j]) for j, f in enumerate(m["findings"])}
+    out["spliced_auroc_drop_worst_median"] = float(np.median(drop, axis=0).max())
+    return out
+
+
+def pattern_metrics(run: RunDir) -> dict[str, Any]:
+    from sae_cxr.patterns import PATTERNS, SUMMARY
+
+    summary = json.loads(run.verify(SUMMARY).read_text())
+    table = pd.read_parquet(run.verify(PATTERNS))
+    out: dict[str, Any] = {"patterns": int(len(table)), "latents": summary.get("latents"),
+                           "latents_in_patterns": summary.get("latents_in_patterns"),
+                           "threshold": summary.get("threshold"), "stability": _spread(table["stability"])}
+    if "monosemanticity" in table:
+        ms, rnd = table["monosemanticity"].to_numpy(), table["monosemanticity_random"].to_numpy()
+        out["monosemanticity"] = {"median": float(np.nanmedian(ms)), "random_median": float(np.nanmedian(rnd)),
+                                  "share_above_random_p95": float(np.mean(ms > np.nanquantile(rnd, 0.95)))}
+    if "concept_recovery" in summary:
+        out["concept_recovery"] = summary["concept_recovery"]
+    return out
+
+
+def label_metrics(run: RunDir) -> dict[str, Any]:
+    from sae_cxr.labeling.stage import LABEL_EVAL, load_labels
+
+    labels = load_labels(run)
+    ver = [l.verification for l in labels.values() if l.verification is not None]
+    out: dict[str, Any] = {"patterns_labelled": len(labels),
+                           "flagged": int(sum(bool(l.flagged) for l in labels.values())),
+                           "verification": _spread(ver)}
+    ev = _read(run, LABEL_EVAL)
+    if ev:
+        out["accuracy"] = {name: {k: v for k, v in d.items() if k != "per_pattern"}
+                           for name, d in ev.items() if isinstance(d, dict) and "named_correctly" in d}
+    return out
+
+
+def attribution_metrics(run: RunDir) -> dict[str, Any]:
+    from sae_cxr.attribution import FAITHFULNESS, SUMMARY as ATTR_SUMMARY
+
+    s = json.loads(run.verify(ATTR_SUMMARY).read_text())
+    faith = _read(run, FAITHFULNESS) or {}
+    return {"completeness_error": s.get("completeness_error"), "patterns_per_prediction": s.get("patterns_per_prediction"),
+            "images_per_s": s.get("images_per_s"),
+            "faithfulness": {k: v for k, v in faith.items() if not k.startswith("mean_curve")},
+            "curves": {k: v for k, v in faith.items() if k.startswith("mean_curve")},
+            "localization": s.get("localization", {})}
+
+
+def explanation_metrics(run: RunDir) -> dict[str, Any]:
+    from sae_cxr.explain import NLE_METRICS
+
+    m = _read(run, NLE_METRICS) or {}
+    out: dict[str, Any] = {}
+    for audience, d in m.items():
+        if not isinstance(d, dict) or "diversity" not in d:
+            continue
+        sim = d.get("simulatability", {})
+        out[audience] = {"simulatability_label_bal_acc": sim.get("label", {}).get("balanced_accuracy"),
+                         "simulatability_decision_bal_acc": sim.get("decision", {}).get("balanced_accuracy"),
+                         "diversity_distinct_2": d["diversity"].get("distinct_2"),
+                         "diversity_self_bleu4": d["diversity"].get("self_bleu4"),
+                         "plausibility_rouge_l": d.get("plausibility", {}).get("rouge_l_mean"),
+                         "plausibility_bleu4": d.get("plausibility", {}).get("bleu4_corpus")}
+    return out
+
+
+def shortcut_metrics(run: RunDir, cfg: EvalConfig, classifier: dict[str, Any]) -> dict[str, Any]:
+    """The audit of every finding; on a phantom world with a planted shortcut, whether the audit finds it."""
+    from sae_cxr.audit import audit_run, shortcut_patterns, shortcut_rank
+    from sae_cxr.findings import Shortcut
+    from sae_cxr.patterns import PATTERNS
+
+    audit = audit_run(run, cfg.audit_splits)
+    out: dict[str, Any] = {"splits": list(cfg.audit_splits),
+                           "nuisance_share": {a.finding: round(a.nuisance_share, 4) for a in audit.ranked()},
+                           "top_nuisance_patterns": {
+                               a.finding: a.patterns.head(5).round(4).to_dict(orient="records") for a in audit.ranked()}}
+    world = _world(run)
+    if not world or not world.get("shortcut"):
+        return out
+    sc = Shortcut.parse(world["shortcut"])
+    table = pd.read_parquet(run.verify(PATTERNS))
+    truth = shortcut_patterns(table, sc.nuisance, cfg.shortcut_min_auroc)
+    fa = audit.findings.get(sc.finding)
+    rank = shortcut_rank(fa, truth) if fa is not None else None
+    shift = {}
+    if "test" in classifier and "test_shifted" in classifier:
+        a0, a1 = classifier["test"][sc.finding]["auroc"], classifier["test_shifted"][sc.finding]["auroc"]
+        shift = {"auroc_test": a0, "auroc_test_shifted": a1, "auroc_drop": a0 - a1}
+    out["planted"] = {"shortcut": str(sc), "nuisance": sc.nuisance, "finding": sc.finding,
+                      "truth_patterns": truth.tolist(), "rank": rank, "found": rank == 1,
+                      "finding_rank_by_nuisance_share": 1 + [a.finding for a in audit.ranked()].index(sc.finding)
+                      if fa is not None else None, **shift}
+    return out
+
+
+def grade(m: dict[str, Any], cfg: EvalConfig) -> dict[str, dict[str, Any]]:
+    """Target checks: {name: {value, target, pass}}; a target whose metric is absent is left out."""
+    g: dict[str, dict[str, Any]] = {}
+
+    def check(name: str, value, target: str, ok: bool) -> None:
+        g[name] = {"value": value, "target": target, "pass": bool(ok)}
+
+    ens = m.get("ensemble", {})
+    if "fvu" in ens:
+        check("fvu_median", ens["fvu"]["median"], f"<= {cfg.fvu_max}", ens["fvu"]["median"] <= cfg.fvu_max)
+    if "dead_fraction" in ens:
+        v = ens["dead_fraction"]["median"]
+        check("dead_fraction_median", v, f"<= {cfg.dead_max}", v <= cfg.dead_max)
+    if "spliced_auroc_drop_worst_median" in ens:
+        v = ens["spliced_auroc_drop_worst_median"]
+        check("spliced_auroc_drop", v, f"<= {cfg.spliced_auroc_drop_max}", v <= cfg.spliced_auroc_drop_max)
+    cr = m.get("patterns", {}).get("concept_recovery")
+    if cr:
+        share = cr["recovered"] / max(cr["concepts"], 1)
+        check("concept_recovery", round(share, 4), f">= {cfg.concept_recovery_min}", share >= cfg.concept_recovery_min)
+    acc = m.get("labels", {}).get("accuracy", {}).get("evidence")
+    if acc:
+        check("labeler_named", round(acc["named_correctly"], 4), f">= {cfg.labeler_named_min}",
+              acc["named_correctly"] >= cfg.labeler_named_min)
+        check("labeler_category", round(acc["category_correct"], 4), f">= {cfg.labeler_category_min}",
+              acc["category_correct"] >= cfg.labeler_category_min)
+    att = m.get("attribution", {})
+    if att.get("completeness_error") is not None:
+        v = att["completeness_error"]
+        check("completeness_error", v, f"<= {cfg.completeness_error_max}", v <= cfg.completeness_error_max)
+    f = att.get("faithfulness", {})
+    if "deletion_area_top" in f:
+        check("deletion_vs_random", [f["deletion_area_top"], f["deletion_area_random"]], "top > random",
+              f["deletion_area_top"] > f["deletion_area_random"])
+    loc = att.get("localization", {})
+    if "all/pattern_map" in loc and "all/logit_gradcam" in loc:
+        pm, gc = loc["all/pattern_map"]["pointing_game"], loc["all/logit_gradcam"]["pointing_game"]
+        check("pointing_pattern_vs_gradcam", [round(pm, 4), round(gc, 4)], "pattern map >= Grad-CAM", pm >= gc)
+    planted = m.get("shortcut", {}).get("planted")
+    if planted:
+        if cr:
+            got = cr["per_concept"].get(planted["nuisance"], {}).get("auroc", 0.0)
+            check("shortcut_concept_recovered", got, ">= 0.9", got >= 0.9)
+        check("shortcut_found", planted["rank"], "rank 1 among device/artifact evidence", planted["found"])
+    return g
+
+
+def evaluate(run: RunDir, cfg: EvalConfig) -> dict[str, Any]:
+    """All metrics of a run (stages that have not run are left out) and the target grades."""
+    m: dict[str, Any] = {"run": run.path.name, "world": _world(run)}
+    steps = [("classifier", "train-classifier", lambda: classifier_metrics(run)),
+             ("ensemble", "train-transcoders", lambda: ensemble_metrics(run)),
+             ("patterns", "patterns", lambda: pattern_metrics(run)),
+             ("attribution", "attribute", lambda: attribution_metrics(run)),
+             ("labels", "label", lambda: label_metrics(run)),
+             ("explanations", "explain", lambda: explanation_metrics(run))]
+    for key, stage, fn in steps:
+        if run.is_done(stage):
+            m[key] = fn()
+    if run.is_done("label") and "classifier" in m:
+        m["shortcut"] = shortcut_metrics(run, cfg, m["classifier"])
+    m["targets"] = grade(m, cfg)
+    return m
+
+
+def _plots(run: RunDir, m: dict[str, Any]) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written: list[str] = []
+
+    def save(fig, key: str) -> None:
+        fig.tight_layout()
+        with atomic_path(run.sub(PLOTS[key])) as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
+        plt.close(fig)
+        written.append(PLOTS[key])
+
+    if "ensemble" in m:
+        from sae_cxr.transcoders.stage import METRICS as TC_METRICS
+
+        raw = json.loads(run.sub(TC_METRICS).read_text())
+        fig, axes = plt.subplots(1, 3, figsize=(10, 3))
+        for ax, key, title in zip(axes, ("fvu", "l0", "dead_fraction"), ("FVU", "L0", "dead fraction")):
+            ax.hist(raw[key], bins=20, color="#457b9d")
+            ax.set_title(f"{title} over {len(raw[key])} members")
+        save(fig, "ensemble")
+    cr = m.get("patterns", {}).get("concept_recovery")
+    if cr:
+        names = sorted(cr["per_concept"], key=lambda c: -cr["per_concept"][c]["auroc"])
+        vals = [cr["per_concept"][c]["auroc"] for c in names]
+        fig, ax = plt.subplots(figsize=(8, 3.6))
+        ax.bar(range(len(names)), vals, color=["#2a9d8f" if v >= 0.9 else "#e63946" for v in vals])
+        ax.axhline(0.9, color="grey", ls=":")
+        ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
+        ax.set_ylim(0.5, 1.0)
+        ax.set_ylabel("best pattern AUROC")
+        ax.set_title(f"concept recovery: {cr['recovered']}/{cr['concepts']} at AUROC >= 0.9")
+        save(fig, "concepts")
+    loc = m.get("attribution", {}).get("localization", {})
+    methods = [k for k in ("all/pattern_map", "all/pattern_gradcam", "all/logit_gradcam") if k in loc]
+    if methods:
+        metrics = ("pointing_game", "iobb_hit@0.25", "pixel_auprc")
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+        w = 0.8 / len(methods)
+        for i, meth in enumerate(methods):
+            ax.bar(np.arange(len(metrics)) + i * w, [loc[meth].get(k) or 0 for k in metrics], w,
+                   label=f"{meth.split('/')[1]} (n={loc[meth]['n']})")
+        ax.set_xticks(np.arange(len(metrics)) + 0.4 - w / 2, metrics)
+        ax.legend(fontsize=8)
+        ax.set_title("localization against ground-truth boxes")
+        save(fig, "localization")
+    curves = m.get("attribution", {}).get("curves", {})
+    if curves:
+        fig, ax = plt.subplots(figsize=(5, 3.4))
+        for key, style, label in (("mean_curve_top", "o-", "delete top-n"), ("mean_curve_random", "s--", "delete random n"),
+                                  ("mean_curve_keep_top", "^-", "keep only top-n")):
+            if key in curves:
+                ax.plot(curves[key], style, label=label)
+        ax.set_xlabel("n patterns")
+        ax.set_ylabel("share of decision logit removed")
+        ax.legend(fontsize=8)
+        save(fig, "deletion")
+    planted = m.get("shortcut", {}).get("planted")
+    tops = m.get("shortcut", {}).get("top_nuisance_patterns", {})
+    if planted and tops.get(planted["finding"]):
+        rows = tops[planted["finding"]]
+        fig, ax = plt.subplots(figsize=(6.5, 3.2))
+        truth = set(planted["truth_patterns"])
+        ax.barh([f"#{r['pattern_id']} {r['label'][:28]}" for r in rows][::-1], [r["share"] for r in rows][::-1],
+                color=["#e63946" if r["pattern_id"] in truth else "#8d99ae" for r in rows][::-1])
+        ax.set_xlabel(f"share of {planted['finding']} evidence")
+        ax.set_title(f"device/artifact evidence for {planted['finding']} (red: planted {planted['nuisance']})",
+                     fontsize=9)
+        save(fig, "audit")
+    return written
+
+
+def summary_markdown(m: dict[str, Any]) -> str:
+    """A one-page Markdown summary: targets first, then the headline numbers per stage."""
+    lines = [f"# Evaluation of run `{m['run']}`", ""]
+    if m.get("world"):
+        w = m["world"]
+        lines += [f"World: phantom seed {w.get('seed')}, {w.get('n')} images of {w.get('size')} px, "
+                  f"prevalence x{w.get('prevalence_scale')}, shortcut `{w.get('shortcut')}`.", ""]
+    lines += ["## Targets", "", "| check | value | target | |", "|---|---|---|---|"]
+    for name, t in m["targets"].items():
+        lines.append(f"| {name} | {t['value']} | {t['target']} | {'pass' if t['pass'] else '**FAIL**'} |")
+    if "classifier" in m:
+        lines += ["", "## Classifier AUROC", "", "| finding | " + " | ".join(m["classifier"]) + " |",
+                  "|---|" + "---|" * len(m["classifier"])]
+        first = next(iter(m["classifier"].values()))
+        for f in first:
+            cells = []
+            for split in m["classifier"]:
+                v = m["classifier"][split].get(f)
+                cells.append(f"{v['auroc']:.3f} [{v['auroc_ci'][0]:.3f}, {v['auroc_ci'][1]:.3f}]" if v else "")
+            lines.append(f"| {f} | " + " | ".join(cells) + " |")
+    cr = m.get("patterns", {}).get("concept_recovery")
+    if cr:
+        lines += ["", f"## Concept recovery: {cr['recovered']}/{cr['concepts']}", "",
+                  "| concept | best pattern | AUROC | stability |", "|---|---|---|---|"]
+        for c, v in sorted(cr["per_concept"].items(), key=lambda kv: -kv[1]["auroc"]):
+            lines.append(f"| {c} | {v['pattern']} | {v['auroc']:.3f} | {v['stability']:.2f} |")
+    att = m.get("attribution")
+    if att:
+        ppp = att.get("patterns_per_prediction") or {}
+        lines += ["", "## Attribution", "", f"- completeness error: {att.get('completeness_error')}",
+                  f"- patterns per prediction: median {ppp.get('median')} (p10 {ppp.get('p10')}, p90 {ppp.get('p90')})"]
+        f = att.get("faithfulness", {})
+        if f:
+            lines.append(f"- deletion area top {f.get('deletion_area_top')} vs random {f.get('deletion_area_random')}; "
+                         f"comprehensiveness@5 {f.get('comprehensiveness@5')} vs random {f.get('random_deletion@5')}")
+    sc = m.get("shortcut", {})
+    if sc.get("planted"):
+        p = sc["planted"]
+        lines += ["", "## Shortcut audit", "",
+                  f"Planted `{p['shortcut']}`: truth patterns {p['truth_patterns']}; rank among device/artifact "
+                  f"evidence for {p['finding']}: {p['rank']} ({'found' if p['found'] else 'not found'}); "
+                  f"AUROC test {p.get('auroc_test', float('nan')):.3f} -> test_shifted "
+                  f"{p.get('auroc_test_shifted', float('nan')):.3f}."]
+    if sc.get("nuisance_share"):
+        lines += ["", "| finding | device/artifact share of evidence |", "|---|---|"]
+        lines += [f"| {f} | {v:.3f} |" for f, v in sc["nuisance_share"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def run_eval(run: RunDir, cfg: EvalConfig) -> tuple[list[str], dict[str, Any]]:
+    m = evaluate(run, cfg)
+    write_json_atomic(run.sub(METRICS), m)
+    plots = _plots(run, m)
+    with atomic_path(run.sub(SUMMARY_MD)) as tmp:
+        tmp.write_text(summary_markdown(m))
+    t = m["targets"]
+    summary = {"targets_passed": sum(v["pass"] for v in t.values()), "targets": len(t),
+               "failed": [k for k, v in t.items() if not v["pass"]]}
+    return [EVAL_DIR], summary

@@ -1,0 +1,48 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from sae_cxr.audit import EvidenceSums, audit_finding, shortcut_patterns, shortcut_rank
+
+
+def test_swing_ranks_a_shortcut_above_a_constant_marker():
+    # four images, four patterns, two findings; finding 0:
+    # pattern 1 (device) pushes it by 4 on two of the four images: mean 2, swing 2, |evidence| 8
+    # pattern 2 (artifact) pushes -3 on every image: a constant, swing 0, |evidence| 12
+    # pattern 3 (cardiac) carries 10 on each image; pattern 0 never fires
+    c = np.zeros((4, 4, 2))
+    c[:, 1, 0] = [4.0, 0.0, 4.0, 0.0]
+    c[:, 2, 0] = -3.0
+    c[:, 3, 0] = 10.0
+    c[0, 1, 1] = 5.0
+    sums = EvidenceSums.zeros(4, 2)
+    sums.add(c[:3])
+    sums.add(c[3:])
+    assert sums.n_images == 4 and sums.n_active[:, 0].tolist() == [0, 2, 4, 4]
+    labels = pd.DataFrame({"label": ["pacemaker", "marker", "enlarged heart"],
+                           "category": ["device", "artifact", "cardiac"]}, index=pd.Index([1, 2, 3], name="pattern_id"))
+    a = audit_finding(sums, 0, labels, "Cardiomegaly")
+    # total |evidence| = 8 + 12 + 40 = 60; device + artifact magnitudes = 20
+    assert a.total_evidence == pytest.approx(60.0)
+    assert a.nuisance_share == pytest.approx(20 / 60)
+    assert list(a.patterns["pattern_id"]) == [1, 2]  # by swing, though pattern 2 has more |evidence|
+    assert a.patterns["swing"].tolist() == pytest.approx([2.0, 0.0])
+    assert a.patterns["mean"].tolist() == pytest.approx([2.0, -3.0])
+    assert a.patterns["share"].tolist() == pytest.approx([8 / 60, 12 / 60])
+    assert shortcut_rank(a, np.array([1])) == 1
+    assert shortcut_rank(a, np.array([2, 9])) == 2
+    assert shortcut_rank(a, np.array([3])) is None  # labelled cardiac: the audit cannot see it
+
+
+def test_evidence_sums_refuse_inconsistent_arrays():
+    with pytest.raises(ValueError, match="exceeds"):
+        EvidenceSums(net=np.array([[2.0]]), magnitude=np.array([[1.0]]), n_active=np.array([[1]]),
+                     square=np.array([[4.0]]))
+
+
+def test_shortcut_patterns_need_the_nuisance_as_best_concept():
+    t = pd.DataFrame({"pattern_id": [0, 1, 2], "best_concept": ["pacemaker", "pacemaker", "edema"],
+                      "concept_auroc:pacemaker": [0.95, 0.6, 0.97]})
+    assert shortcut_patterns(t, "pacemaker").tolist() == [0]
+    with pytest.raises(ValueError, match="no ground truth"):
+        shortcut_patterns(t, "burned_in_text")

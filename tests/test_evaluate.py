@@ -1,0 +1,52 @@
+import json
+
+import numpy as np
+
+from sae_cxr.evaluate import METRICS, PLOTS, SUMMARY_MD, EvalConfig, evaluate, grade
+
+
+def test_grade_checks_each_target_on_worked_numbers():
+    m = {"ensemble": {"fvu": {"median": 0.05}, "dead_fraction": {"median": 0.08},
+                      "spliced_auroc_drop_worst_median": 0.004},
+         "patterns": {"concept_recovery": {"recovered": 17, "concepts": 18, "per_concept": {"pacemaker": {"auroc": 0.93}}}},
+         "labels": {"accuracy": {"evidence": {"named_correctly": 0.9, "category_correct": 0.85}}},
+         "attribution": {"completeness_error": 2e-7,
+                         "faithfulness": {"deletion_area_top": 0.4, "deletion_area_random": 0.5},
+                         "localization": {"all/pattern_map": {"pointing_game": 0.3}, "all/logit_gradcam": {"pointing_game": 0.2}}},
+         "shortcut": {"planted": {"nuisance": "pacemaker", "rank": 2, "found": False}}}
+    g = grade(m, EvalConfig())
+    verdict = {k: v["pass"] for k, v in g.items()}
+    assert verdict == {"fvu_median": True, "dead_fraction_median": False, "spliced_auroc_drop": True,
+                       "concept_recovery": True,  # 17/18 = 0.944 >= 0.9
+                       "labeler_named": True, "labeler_category": False, "completeness_error": True,
+                       "deletion_vs_random": False, "pointing_pattern_vs_gradcam": True,
+                       "shortcut_concept_recovered": True, "shortcut_found": False}
+    assert g["concept_recovery"]["value"] == round(17 / 18, 4)
+
+
+def test_grade_leaves_out_what_a_run_does_not_have():
+    assert grade({"ensemble": {"fvu": {"median": 0.2}}}, EvalConfig()) == {
+        "fvu_median": {"value": 0.2, "target": "<= 0.1", "pass": False}}
+
+
+def test_eval_stage_on_a_tiny_run(tiny_pipeline_run):
+    run = tiny_pipeline_run
+    m = json.loads(run.sub(METRICS).read_text())
+    assert m == json.loads(json.dumps(evaluate(run, EvalConfig())))  # the stage wrote what evaluate computes
+    for key in ("classifier", "ensemble", "patterns", "attribution", "labels", "explanations", "shortcut", "targets"):
+        assert key in m, key
+    assert set(m["classifier"]) >= {"test", "test_shifted"}
+    assert m["ensemble"]["members"] == 8
+    assert 0 <= m["ensemble"]["dead_fraction"]["median"] <= 1
+    assert m["attribution"]["completeness_error"] < 1e-4
+    cr = m["patterns"]["concept_recovery"]
+    assert cr["concepts"] == 18 and 0 <= cr["recovered"] <= 18
+    planted = m["shortcut"]["planted"]
+    assert planted["nuisance"] == "pacemaker" and planted["finding"] == "Cardiomegaly"
+    assert planted["rank"] is None or planted["rank"] >= 1
+    shares = np.array(list(m["shortcut"]["nuisance_share"].values()))
+    assert ((shares >= 0) & (shares <= 1)).all()
+    md = run.sub(SUMMARY_MD).read_text()
+    assert "## Targets" in md and "concept_recovery" in md and "Shortcut audit" in md
+    for rel in ("ensemble", "concepts", "localization", "deletion"):
+        assert run.sub(PLOTS[rel]).stat().st_size > 1000, rel
