@@ -910,24 +910,54 @@ def stored_predictions(run: RunDir) -> pd.DataFrame:
 REPORT_SUFFIXES = (".html", ".htm")
 
 
-def list_reports(run: RunDir) -> list[dict[str, Any]]:
-    """The batch reports under reports/ (HTML first, then other files), newest first within a kind."""
+@dataclass
+class ReportSet:
+    """One batch report: a folder of reports/ (the report stage writes one per split), or the loose
+    files at the top of reports/ (name '.')."""
+
+    name: str
+    pages: list[str]  # run-relative paths of its HTML pages, index first
+    files: list[dict[str, Any]]  # its other top-level files: path, name, bytes
+    documents: int  # per-image documents under json/ (not listed one by one)
+    mtime: float
+
+
+def list_reports(run: RunDir) -> list[ReportSet]:
+    """The run's batch reports under reports/, newest first. Paths that leave the run (symlinks) are left out."""
     root = run.path / "reports"
     if not root.is_dir():
         return []
-    out = []
-    for p in sorted(root.rglob("*")):
-        if not p.is_file() or p.name.startswith("."):
-            continue
+
+    def inside(p: Path) -> str | None:
         try:
-            rel = run.rel(p)  # refuses symlinks that lead out of the run
+            rel = run.rel(p)  # resolves symlinks: one that leads out of the run raises
             run.sub(rel)
+            return rel
         except ValueError:
-            continue
-        st = p.stat()
-        out.append({"path": rel, "name": str(p.relative_to(root)), "bytes": st.st_size, "mtime": st.st_mtime,
-                    "html": p.suffix.lower() in REPORT_SUFFIXES})
-    return sorted(out, key=lambda r: (not r["html"], -r["mtime"]))
+            return None
+
+    def collect(folder: Path, name: str) -> ReportSet | None:
+        html, files = [], []
+        for p in sorted(folder.iterdir()):
+            if not p.is_file() or p.name.startswith("."):
+                continue
+            rel = inside(p)
+            if rel is None:
+                continue
+            if p.suffix.lower() in REPORT_SUFFIXES:
+                html.append(rel)
+            else:
+                files.append({"path": rel, "name": p.name, "bytes": p.stat().st_size})
+        docs = sum(1 for _ in (folder / "json").glob("*.json")) if (folder / "json").is_dir() else 0
+        if not html and not files:
+            return None
+        html.sort(key=lambda r: (not r.endswith("/index.html"), r))
+        return ReportSet(name, html, files, docs, folder.stat().st_mtime)
+
+    sets = [collect(d, d.name) for d in sorted(root.iterdir())
+            if d.is_dir() and not d.name.startswith(".") and inside(d) is not None]
+    sets.append(collect(root, "."))
+    return sorted([s for s in sets if s is not None], key=lambda s: -s.mtime)
 
 
 def read_report(run: RunDir, rel: str) -> bytes:

@@ -139,22 +139,25 @@ def test_run_picker_lists_only_runs_inside_the_folder(tiny_run, partial_run, tmp
         bad_name.rmdir()
 
 
-def test_reports_are_read_only_from_reports(tiny_run, tmp_path):
+def test_reports_are_listed_and_read_only_inside_reports(tiny_run, tmp_path):
+    sets = {r.name: r for r in ad.list_reports(tiny_run)}
+    test = sets["test"]  # written by the report stage
+    assert test.pages[0] == "reports/test/index.html" and test.documents > 0
+    assert "evidence.csv" in [f["name"] for f in test.files]
+    assert ad.read_report(tiny_run, test.pages[0]).startswith(b"<!")
     reports = tiny_run.path / "reports"
-    reports.mkdir(exist_ok=True)
     secret = tmp_path / "secret.html"
     secret.write_text("secret")
+    extra, link = reports / "extra.html", reports / "out.html"
     try:
-        (reports / "r.html").write_text("<p>ok</p>")
-        (reports / "out.html").symlink_to(secret)
-        listed = [r["name"] for r in ad.list_reports(tiny_run)]
-        assert listed == ["r.html"]
-        assert ad.read_report(tiny_run, "reports/r.html") == b"<p>ok</p>"
+        extra.write_text("<p>ok</p>")
+        link.symlink_to(secret)
+        loose = {r.name: r for r in ad.list_reports(tiny_run)}["."]
+        assert loose.pages == ["reports/extra.html"]  # the symlink out of the run is not listed
         with pytest.raises(ValueError):
             ad.read_report(tiny_run, "manifest.json")
         with pytest.raises(ValueError):
             ad.read_report(tiny_run, "reports/../../secret.html")
     finally:
-        for p in reports.iterdir():
-            p.unlink()
-        reports.rmdir()
+        extra.unlink()
+        link.unlink()

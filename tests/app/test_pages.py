@@ -179,25 +179,20 @@ def test_audit_ranks_device_and_artifact_evidence_and_marks_the_planted_shortcut
     assert "Over all attributed splits' stored decompositions" in texts(at)
 
 
-def test_reports_page_opens_html_reports_in_place(tiny_run, use_run):
+def test_reports_page_opens_the_report_stage_output_in_place(tiny_run, partial_run, use_run):
     use_run(tiny_run)
     at = open_page("reports")
     assert_clean(at)
-    assert "No reports yet" in at.info[0].value
-    reports = tiny_run.path / "reports"
-    reports.mkdir(exist_ok=True)
-    try:
-        (reports / "audit.html").write_text("<html><body><h1>Batch audit</h1></body></html>")
-        (reports / "rows.csv").write_text("a,b\n1,2\n")
-        at = open_page("reports")
-        assert_clean(at)
-        frames = at.get("iframe")
-        assert frames and "Batch audit" in frames[0].proto.srcdoc
-        assert any("rows.csv" in m.value for m in at.markdown)
-    finally:
-        for p in reports.iterdir():
-            p.unlink()
-        reports.rmdir()
+    assert "test" in at.selectbox(key="rep_name").options  # the report stage wrote reports/test/
+    pages = at.selectbox(key="rep_page_test").options
+    assert pages[0] == "index.html"
+    frames = at.get("iframe")
+    index = (tiny_run.path / "reports" / "test" / "index.html").read_text()
+    assert len(frames) == 1 and frames[0].proto.srcdoc == index
+    assert any("evidence.csv" in m.value for m in at.markdown)
+    use_run(partial_run)
+    at = open_page("reports")
+    assert not at.exception and "No reports yet" in at.info[0].value
 
 
 def test_pages_of_an_unfinished_run_say_which_stage_to_run(partial_run, use_run):
