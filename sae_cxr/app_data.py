@@ -809,7 +809,9 @@ def audit_contributions(run: RunDir, split: str) -> pd.DataFrame:
 
 
 def nuisance_audit(run: RunDir, split: str = "test") -> Audit:
-    """For each finding, the share of its evidence carried by device and artifact patterns.
+    """For each finding, the share of its evidence carried by device and artifact patterns, linked by
+    the patterns' NAMES (all pacemaker patterns together) so that a shortcut spread over many similar
+    patterns adds up; `full_audit` gives the batch report's per-pattern view next to it.
 
     Over the split's stored decompositions (the reported patterns of every prediction), with
     E_f = sum of |contribution| over all patterns and predictions of finding f:
@@ -869,6 +871,33 @@ def nuisance_audit(run: RunDir, split: str = "test") -> Audit:
     findings = findings.sort_values(["_o", "shortcut_share"], ascending=[True, False]).drop(columns="_o")
     return Audit(split=split, findings=findings.reset_index(drop=True), links=links, patterns=pats,
                  planted=str(planted) if planted is not None else None, planted_rank=rank)
+
+
+def full_audit(run: RunDir, split: str = "test", top: int = 5) -> pd.DataFrame:
+    """The batch report's audit (`sae_cxr.audit`: full decompositions of every image of the split, device
+    and artifact patterns ranked by swing) as one row per finding and top pattern, with the rank of the
+    planted shortcut's patterns on a phantom run (shortcut_rank, phantom ground truth)."""
+    from sae_cxr.audit import audit_run, shortcut_patterns, shortcut_rank
+    from sae_cxr.patterns import load_patterns
+
+    splits = tuple(sorted(set(stored_predictions(run)["split"]))) if split == "all" else (split,)
+    audit = audit_run(run, splits)
+    planted = planted_shortcut(run)
+    truth = None
+    if planted is not None:
+        try:
+            truth = shortcut_patterns(load_patterns(run)[0], planted.nuisance)
+        except ValueError:
+            truth = None
+    rows = []
+    for fa in audit.ranked():
+        rank = shortcut_rank(fa, truth) if truth is not None and planted.finding == fa.finding else None
+        for i, r in enumerate(fa.patterns.head(top).itertuples()):
+            rows.append({"finding": fa.finding, "nuisance_share": fa.nuisance_share, "rank": i + 1,
+                         "pattern_id": int(r.pattern_id), "label": r.label, "category": r.category,
+                         "swing": float(r.swing), "mean": float(r.mean), "share": float(r.share),
+                         "images": int(r.n_active), "planted_rank": rank})
+    return pd.DataFrame(rows)
 
 
 def audit_examples(run: RunDir, finding: str, split: str = "test", names: Sequence[str] | None = None,

@@ -43,6 +43,20 @@ def body() -> None:
                      "patterns": st.column_config.ListColumn("patterns")})
     ak.chart(plots.audit_findings(audit.findings))
 
+    if st.toggle("Full-decomposition audit, as in the batch report (every image of the split, patterns ranked "
+                 "by swing; takes a few seconds the first time)", key="audit_full"):
+        full = ak.data("full_audit", run, split)
+        ranks = full.dropna(subset=["planted_rank"])
+        if audit.planted and len(ranks):
+            st.caption(f"Planted shortcut's patterns: first at rank {int(ranks['planted_rank'].iloc[0])} of "
+                       f"{ranks['finding'].iloc[0]}'s device/artifact patterns by swing.")
+        st.dataframe(full, hide_index=True, width="stretch", column_config={
+            "nuisance_share": st.column_config.NumberColumn("finding's device/artifact share", format="percent"),
+            "swing": st.column_config.NumberColumn("swing (std of its term)", format="%.3f"),
+            "mean": st.column_config.NumberColumn("mean term", format="%+.3f"),
+            "share": st.column_config.NumberColumn("share of evidence", format="percent"),
+            "planted_rank": st.column_config.NumberColumn("planted rank", format="%d")})
+
     st.header("Inspect a finding")
     order = audit.findings["finding"].tolist()
     finding = st.selectbox("finding", order, index=0, key="audit_finding")

@@ -174,6 +174,12 @@ def test_audit_ranks_device_and_artifact_evidence_and_marks_the_planted_shortcut
     assert {"link", "net_share", "carried_share", "patterns"} <= set(table.columns)
     assert list(table["net_share"]) == sorted(table["net_share"], reverse=True)
     assert at.selectbox(key="audit_finding").value in FINDINGS
+    at.toggle(key="audit_full").set_value(True).run()  # the batch report's full-decomposition view
+    assert_clean(at)
+    full = next(d.value for d in at.dataframe if "swing" in d.value.columns)
+    assert set(full["finding"]) <= set(FINDINGS) and len(full) > 0
+    assert full["category"].isin(["device", "artifact"]).all()
+    at.toggle(key="audit_full").set_value(False).run()
     at.selectbox(key="audit_split").set_value("all").run()  # every attributed split together
     assert_clean(at)
     assert "Over all attributed splits' stored decompositions" in texts(at)
