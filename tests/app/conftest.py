@@ -1,65 +1,40 @@
-"""A tiny complete run (every stage, a planted shortcut) built once per session for the dashboard tests.
-
-Built through the real pipeline with a tiny random phantom backbone and small stage settings, so the
-app is exercised on the same files a real run has; about half a minute on two busy cores.
-"""
+"""The dashboard tests' runs: a copy of the suite's shared tiny run (every stage, the shipped phantom
+backbone, a planted pacemaker -> Cardiomegaly shortcut) that these tests may write into, and beside it
+a run stopped after its first stage; both in one artifacts folder, as the sidebar's run picker sees it."""
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 
-from sae_cxr.config import RunConfig, from_dict
 from sae_cxr.pipeline import run_pipeline
 from sae_cxr.run import RunDir
-from tests.helpers import tiny_phantom_clip
+from tests.helpers import tiny_config
 
 SHORTCUT = "pacemaker:Cardiomegaly:0.9"
 
 
-def tiny_config(backbone: str) -> RunConfig:
-    """Every stage at toy size: 160 images of 64 px, three 64-latent transcoders."""
-    return from_dict(RunConfig, {
-        "name": "tiny", "seed": 0,
-        "data": {"phantom": {"n": 160, "size": 64, "seed": 0, "shortcut": SHORTCUT}},
-        "extract": {"backbone": backbone, "batch_size": 32, "num_workers": 0, "device": "cpu"},
-        "classifier": {"hidden": 32, "max_epochs": 25, "patience": 10, "n_boot": 20, "device": "cpu"},
-        "transcoders": {"n_members": 3, "n_latents": 64, "k": 8, "device": "cpu",
-                        "train": {"epochs": 10, "batch_size": 32, "log_every": 5}},
-        "patterns": {"probe_size": 160, "top_k": 10, "min_frequency": 0.005},
-        "galleries": {"top_k": 6, "heldout_top": 4, "negatives": 3, "heldout_negatives": 4, "per_quantile": 2,
-                      "quantile_bins": 3},
-        "attribution": {"faithfulness_samples": 10, "faithfulness_steps": 4, "random_repeats": 1,
-                        "localization_images": 10, "max_patterns": 10},
-        "label": {"verification": {"n_pos": 6, "n_neg": 6}, "evidence": {"top_k": 10, "min_top": 2},
-                  "text": {"top_k": 10, "min_top": 2}},
-        "explain": {"max_predictions": 40},
-    })
-
-
 @pytest.fixture(scope="session")
 def app_root(tmp_path_factory) -> Path:
-    """An artifacts folder holding the tiny backbone (not a run) and, below, the runs."""
-    root = tmp_path_factory.mktemp("artifacts")
-    tiny_phantom_clip(root / "clip")
-    return root
+    """An artifacts folder holding the runs."""
+    return tmp_path_factory.mktemp("artifacts")
 
 
 @pytest.fixture(scope="session")
-def tiny_run(app_root) -> RunDir:
-    """A complete run: every stage done."""
-    run = RunDir(app_root / "tiny", create=True)
-    run_pipeline(run, tiny_config(f"phantom:{app_root / 'clip'}"))
-    return run
+def tiny_run(app_root, tiny_pipeline_run) -> RunDir:
+    """A complete run: every stage done (runs are relocatable, so a copy is a run)."""
+    shutil.copytree(tiny_pipeline_run.path, app_root / "tiny", symlinks=True)
+    return RunDir(app_root / "tiny")
 
 
 @pytest.fixture(scope="session")
-def partial_run(app_root, tiny_run) -> RunDir:
+def partial_run(app_root) -> RunDir:
     """A run stopped after the data stage (what a user sees mid-pipeline)."""
     run = RunDir(app_root / "partial", create=True)
-    run_pipeline(run, tiny_config(f"phantom:{app_root / 'clip'}"), stages=["data"])
+    run_pipeline(run, tiny_config(app_root / "partial", n=40), stages=["data"])
     return run
 
 

@@ -107,9 +107,9 @@ def test_audit_shares_are_shares_and_the_planted_link_is_marked(tiny_run):
     assert ((f["carried_share"] >= 0) & (f["carried_share"] <= 1 + 1e-9)).all()
     assert np.allclose(f["device_share"] + f["artifact_share"], f["carried_share"])
     assert list(audit.links["net_share"]) == sorted(audit.links["net_share"], reverse=True)
-    if audit.planted_rank is not None:  # a named pacemaker pattern reaches Cardiomegaly
-        hit = audit.links.iloc[audit.planted_rank - 1]
-        assert hit["planted"] and hit["finding"] == "Cardiomegaly" and "pacemaker" in hit["name"]
+    assert audit.planted_rank == 1  # the planted shortcut is the strongest link
+    hit = audit.links.iloc[0]
+    assert hit["planted"] and hit["finding"] == "Cardiomegaly" and hit["name"] == "pacemaker"
     ex = ad.audit_examples(tiny_run, "Cardiomegaly", "test", n=3)
     assert len(ex) <= 3 and list(ex["push"]) == sorted(ex["push"], reverse=True)
 
@@ -122,7 +122,7 @@ def test_audit_of_a_split_without_attributions_says_how_to_get_them(tiny_run):
 def test_run_picker_lists_only_runs_inside_the_folder(tiny_run, partial_run, tmp_path):
     root = tiny_run.path.parent
     choices = ad.run_choices(root)
-    assert {"tiny", "partial"} <= set(choices) and "clip" not in choices
+    assert {"tiny", "partial"} <= set(choices)
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     (outside / "manifest.json").write_text("{}")
