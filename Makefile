@@ -7,7 +7,7 @@ RUN ?= artifacts/demo
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
-.PHONY: install demo demo-run app test test-fast bench clean
+.PHONY: install demo demo-run app browser test test-fast bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,12 +23,19 @@ demo: demo-run app
 demo-run: install
 	$(PY) -m sae_cxr.cli demo --out $(RUN)
 
+PORT ?= 8501
 app: install
-	@if [ -f app/Home.py ]; then \
-		$(PY) -m streamlit run app/Home.py --server.address 127.0.0.1 --server.headless true -- --run $(RUN); \
-	else echo "the dashboard is not built yet; the run is in $(RUN)"; fi
+	@echo "dashboard on http://127.0.0.1:$(PORT) (run $(RUN); Ctrl-C stops it)"
+	$(PY) -m streamlit run app/Home.py --server.address 127.0.0.1 --server.port $(PORT) --server.headless true \
+		--browser.gatherUsageStats false --client.toolbarMode viewer -- --run $(RUN)
 
-test: install
+# The dashboard's end-to-end test drives Debian's chromium through chromedriver; installed once if missing.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		{ (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium chromium-driver) >/dev/null 2>&1 \
+		  || echo "chromium could not be installed: the browser test will be skipped"; }
+
+test: install browser
 	$(PY) -m pytest -q
 
 test-fast: install
