@@ -415,6 +415,33 @@ class EvidenceLabeler:
         d = int((~has_x & ~in_top).sum())
         return a, float(fisher_greater(a, b, c, d))
 
+    def _inseparable_tie_break(self, t: EvidenceTable, s: _Stats, cols: dict[int, tuple[np.ndarray, np.ndarray]],
+                               top: np.ndarray, acts: np.ndarray, standing: list[int]) -> dict[str, Any] | None:
+        """When the leading standing terms co-occur on (nearly) every top image, the top set cannot tell
+        them apart and neither explains the other away (no top image has one without the other). The
+        whole activation distribution can: the term whose presence the activation ranks best (AUROC over
+        the images where the term is known) wins. A pattern driven by a nuisance that co-occurs with a
+        finding (a planted shortcut) is named after the nuisance, not after the rarer finding."""
+        from sae_cxr.stats import auroc
+
+        if len(standing) < 2:
+            return None
+        first = standing[0]
+        tied = [x for x in standing if s.precision[x] >= s.precision[first] - 0.05]
+        tied = [x for x in tied if x == first or self._conditional_p(cols, top, x, first)[0]
+                < self.config.min_conditional_hits]  # no top image separates x from the leader
+        if len(tied) < 2:
+            return None
+        scores = {}
+        for x in tied:
+            v, k = cols[x]
+            scores[x] = auroc(v[k].astype(float), acts[k]) if 0 < v[k].sum() < k.sum() else float("nan")
+        best = max(tied, key=lambda x: (np.nan_to_num(scores[x], nan=-1.0), -tied.index(x)))
+        if best == first:
+            return None
+        return {"winner": best, "by": "auroc",
+                "auroc": {t.terms[x].key: round(float(scores[x]), 4) for x in tied}}
+
     def _survives(self, cols: dict[int, tuple[np.ndarray, np.ndarray]], top: np.ndarray, x: int, y: int) -> bool:
         """Is X still enriched in the top set among the images without Y?"""
         a, p = self._conditional_p(cols, top, x, y)
@@ -450,18 +477,19 @@ class EvidenceLabeler:
                                     f"with precision >= {cfg.min_precision} among the top {n_top} images")
 
         explained: list[dict[str, Any]] = []
-        winner = None
+        standing: list[int] = []
         cols = {j: (t.values(j), t.known(j)) for j in candidates}
         for x in candidates:
             by = next((y for y in candidates if y != x and not self._survives(cols, top, x, y)
                        and self._survives(cols, top, y, x)), None)
             if by is None:
-                if winner is None:
-                    winner = x
+                standing.append(x)
             else:
                 explained.append({"term": t.terms[x].key, "by": t.terms[by].key})
-        if winner is None:  # a cycle of explanations: nothing stands alone, keep the marginal best
-            winner = candidates[0]
+        winner = standing[0] if standing else candidates[0]  # none standing: a cycle, keep the marginal best
+        tie_break = self._inseparable_tie_break(t, s, cols, top, acts, standing)
+        if tie_break is not None:
+            winner = tie_break["winner"]
 
         term = t.terms[winner]
         m = term.meaning
@@ -475,6 +503,8 @@ class EvidenceLabeler:
         evidence = {**base, "term": term.key, "kind": term.kind, "concept": m.concept,
                     "finding": term.name if term.kind == "finding" else None,
                     "terms": self._top_terms(t, s), "explained_away": explained}
+        if tie_break is not None:
+            evidence["tie_break"] = {k: v for k, v in tie_break.items() if k != "winner"}
         return PatternLabel(label=m.display, description=description, category=str(m.category),
                             confidence=confidence, labeler="evidence", pattern_id=pattern_id, evidence=evidence)
 

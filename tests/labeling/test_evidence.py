@@ -246,3 +246,17 @@ def test_records_round_trip_into_an_evidence_table() -> None:
     assert not table.known(table.column(f"finding:{FINDINGS[0]}")).any()
     assert not table.values(table.column(f"finding:{FINDINGS[0]}")).any()
     assert json.loads(pd.DataFrame([recs[0].to_row()])["concepts"][0]) == ["pacemaker"]
+
+
+def test_inseparable_top_set_is_decided_by_the_whole_distribution() -> None:
+    """A pacemaker pattern that also responds weakly to cardiomegaly: its strongest images all carry
+    both (the shortcut), so the top set cannot tell them apart; over all images it tracks the pacemaker."""
+    df, truth = confounded_world(n=2000, shortcut_rate=0.9, seed=5)
+    rng = np.random.default_rng(0)
+    pm, cm = truth["pacemaker"].astype(float), truth["cardiomegaly"].astype(float)
+    acts = np.maximum(pm * (1.0 + 0.6 * cm) + 0.05 * rng.random(len(pm)), 0)
+    lab = EvidenceLabeler().label("pm", acts, df)
+    top = np.argsort(-acts)[:50]
+    assert truth["cardiomegaly"][top].all() and truth["pacemaker"][top].all()  # the top set is confounded
+    assert (lab.evidence["concept"], lab.category) == ("pacemaker", "device")
+    assert lab.evidence["tie_break"]["by"] == "auroc"
