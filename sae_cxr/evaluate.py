@@ -227,9 +227,12 @@ def grade(m: dict[str, Any], cfg: EvalConfig) -> dict[str, dict[str, Any]]:
         check("deletion_vs_random", [f["deletion_area_top"], f["deletion_area_random"]], "top > random",
               f["deletion_area_top"] > f["deletion_area_random"])
     loc = att.get("localization", {})
-    if "all/pattern_map" in loc and "all/logit_gradcam" in loc:
-        pm, gc = loc["all/pattern_map"]["pointing_game"], loc["all/logit_gradcam"]["pointing_game"]
-        check("pointing_pattern_vs_gradcam", [round(pm, 4), round(gc, 4)], "pattern map >= Grad-CAM", pm >= gc)
+    if "with_baseline/pattern_gradcam" in loc and "with_baseline/logit_gradcam" in loc:
+        # on the same boxes (findings with a logit baseline): the top pattern's own Grad-CAM against the
+        # Grad-CAM of the finding's logit; the cheaper patch-token map is reported next to them, not graded
+        pm, gc = loc["with_baseline/pattern_gradcam"]["pointing_game"], loc["with_baseline/logit_gradcam"]["pointing_game"]
+        check("pointing_pattern_vs_logit_gradcam", [round(pm, 4), round(gc, 4)], "pattern Grad-CAM >= logit Grad-CAM",
+              pm >= gc)
     planted = m.get("shortcut", {}).get("planted")
     if planted:
         if cr:
@@ -358,6 +361,14 @@ def summary_markdown(m: dict[str, Any]) -> str:
                   "| concept | best pattern | AUROC | stability |", "|---|---|---|---|"]
         for c, v in sorted(cr["per_concept"].items(), key=lambda kv: -kv[1]["auroc"]):
             lines.append(f"| {c} | {v['pattern']} | {v['auroc']:.3f} | {v['stability']:.2f} |")
+    loc = (m.get("attribution") or {}).get("localization", {})
+    if loc:
+        lines += ["", "## Localization against the boxes", "", "| boxes / method | n | pointing | IoBB>=0.25 | pixel AUPRC |",
+                  "|---|---|---|---|---|"]
+        for key, v in loc.items():
+            auprc = v.get("pixel_auprc")
+            lines.append(f"| {key} | {v['n']} | {v['pointing_game']:.3f} | {v['iobb_hit@0.25']:.3f} | "
+                         f"{'' if auprc is None else f'{auprc:.3f}'} |")
     att = m.get("attribution")
     if att:
         ppp = att.get("patterns_per_prediction") or {}

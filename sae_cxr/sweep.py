@@ -36,7 +36,8 @@ WORLDS: tuple[World, ...] = (
 )
 """The default worlds: the demo's, then one per kind of shortcut and a second device on another finding."""
 
-HEADLINE = ("concept_recovery", "labeler_named", "labeler_category", "pointing_pattern", "pointing_gradcam",
+HEADLINE = ("concept_recovery", "labeler_named", "labeler_category", "pointing_pattern_gradcam",
+            "pointing_patch_map", "pointing_logit_gradcam",
             "deletion_area_top", "deletion_area_random", "shortcut_rank", "fvu", "dead", "spliced_auroc_drop",
             "patterns", "patterns_per_prediction", "targets_passed")
 
@@ -63,8 +64,9 @@ def headline(m: dict[str, Any]) -> dict[str, Any]:
     return {
         "concept_recovery": f"{cr['recovered']}/{cr['concepts']}" if cr else None,
         "labeler_named": acc.get("named_correctly"), "labeler_category": acc.get("category_correct"),
-        "pointing_pattern": loc.get("all/pattern_map", {}).get("pointing_game"),
-        "pointing_gradcam": loc.get("all/logit_gradcam", {}).get("pointing_game"),
+        "pointing_pattern_gradcam": loc.get("with_baseline/pattern_gradcam", {}).get("pointing_game"),
+        "pointing_patch_map": loc.get("with_baseline/pattern_map", {}).get("pointing_game"),
+        "pointing_logit_gradcam": loc.get("with_baseline/logit_gradcam", {}).get("pointing_game"),
         "deletion_area_top": f.get("deletion_area_top"), "deletion_area_random": f.get("deletion_area_random"),
         "shortcut_rank": planted.get("rank"),
         "fvu": ens.get("fvu", {}).get("median"), "dead": ens.get("dead_fraction", {}).get("median"),

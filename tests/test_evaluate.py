@@ -12,14 +12,15 @@ def test_grade_checks_each_target_on_worked_numbers():
          "labels": {"accuracy": {"evidence": {"named_correctly": 0.9, "category_correct": 0.85}}},
          "attribution": {"completeness_error": 2e-7,
                          "faithfulness": {"deletion_area_top": 0.4, "deletion_area_random": 0.5},
-                         "localization": {"all/pattern_map": {"pointing_game": 0.3}, "all/logit_gradcam": {"pointing_game": 0.2}}},
+                         "localization": {"with_baseline/pattern_gradcam": {"pointing_game": 0.3},
+                                          "with_baseline/logit_gradcam": {"pointing_game": 0.2}}},
          "shortcut": {"planted": {"nuisance": "pacemaker", "rank": 2, "found": False}}}
     g = grade(m, EvalConfig())
     verdict = {k: v["pass"] for k, v in g.items()}
     assert verdict == {"fvu_median": True, "dead_fraction_median": False, "spliced_auroc_drop": True,
                        "concept_recovery": True,  # 17/18 = 0.944 >= 0.9
                        "labeler_named": True, "labeler_category": False, "completeness_error": True,
-                       "deletion_vs_random": False, "pointing_pattern_vs_gradcam": True,
+                       "deletion_vs_random": False, "pointing_pattern_vs_logit_gradcam": True,
                        "shortcut_concept_recovered": True, "shortcut_found": False}
     assert g["concept_recovery"]["value"] == round(17 / 18, 4)
 

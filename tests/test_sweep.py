@@ -24,7 +24,7 @@ def test_reduced_sweep_on_two_tiny_worlds(tmp_path):
         assert m["shortcut"]["planted"]["nuisance"] == {"device": "pacemaker", "text": "burned_in_text"}[name]
         rec, total = (int(v) for v in r["concept_recovery"].split("/"))
         assert total == 18 and 0 <= rec <= 18
-        for key in ("labeler_named", "labeler_category", "pointing_pattern", "deletion_area_top"):
+        for key in ("labeler_named", "labeler_category", "pointing_pattern_gradcam", "deletion_area_top"):
             assert r[key] is None or 0.0 <= r[key] <= 2.0, (name, key, r[key])
         assert 0 <= r["fvu"] < 1.5 and 0 <= r["dead"] <= 1
         assert r["shortcut_rank"] is None or r["shortcut_rank"] >= 1
