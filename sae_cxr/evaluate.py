@@ -184,7 +184,8 @@ def shortcut_metrics(run: RunDir, cfg: EvalConfig, classifier: dict[str, Any]) -
     shift = {}
     if "test" in classifier and "test_shifted" in classifier:
         a0, a1 = classifier["test"][sc.finding]["auroc"], classifier["test_shifted"][sc.finding]["auroc"]
-        shift = {"auroc_test": a0, "auroc_test_shifted": a1, "auroc_drop": a0 - a1}
+        shift = {"auroc_test": a0, "auroc_test_shifted": a1,
+                 "auroc_drop": a0 - a1 if a0 is not None and a1 is not None else None}
     out["planted"] = {"shortcut": str(sc), "nuisance": sc.nuisance, "finding": sc.finding,
                       "truth_patterns": truth.tolist(), "rank": rank, "found": rank == 1,
                       "finding_rank_by_nuisance_share": 1 + [a.finding for a in audit.ranked()].index(sc.finding)
@@ -335,6 +336,18 @@ def _plots(run: RunDir, m: dict[str, Any]) -> list[str]:
     return written
 
 
+def _num(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def _ci_cell(v: dict[str, Any] | None) -> str:
+    """'0.973 [0.964, 0.982]', or 'n/a' where the split has no positives (AUROC undefined)."""
+    if not v or v.get("auroc") is None:
+        return "n/a"
+    lo, hi = v["auroc_ci"]
+    return f"{v['auroc']:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else "")
+
+
 def summary_markdown(m: dict[str, Any]) -> str:
     """A one-page Markdown summary: targets first, then the headline numbers per stage."""
     lines = [f"# Evaluation of run `{m['run']}`", ""]
@@ -353,7 +366,7 @@ def summary_markdown(m: dict[str, Any]) -> str:
             cells = []
             for split in m["classifier"]:
                 v = m["classifier"][split].get(f)
-                cells.append(f"{v['auroc']:.3f} [{v['auroc_ci'][0]:.3f}, {v['auroc_ci'][1]:.3f}]" if v else "")
+                cells.append(_ci_cell(v))
             lines.append(f"| {f} | " + " | ".join(cells) + " |")
     cr = m.get("patterns", {}).get("concept_recovery")
     if cr:
@@ -384,8 +397,7 @@ def summary_markdown(m: dict[str, Any]) -> str:
         lines += ["", "## Shortcut audit", "",
                   f"Planted `{p['shortcut']}`: truth patterns {p['truth_patterns']}; rank among device/artifact "
                   f"evidence for {p['finding']}: {p['rank']} ({'found' if p['found'] else 'not found'}); "
-                  f"AUROC test {p.get('auroc_test', float('nan')):.3f} -> test_shifted "
-                  f"{p.get('auroc_test_shifted', float('nan')):.3f}."]
+                  f"AUROC test {_num(p.get('auroc_test'))} -> test_shifted {_num(p.get('auroc_test_shifted'))}."]
     if sc.get("nuisance_share"):
         lines += ["", "| finding | device/artifact share of evidence |", "|---|---|"]
         lines += [f"| {f} | {v:.3f} |" for f, v in sc["nuisance_share"].items()]

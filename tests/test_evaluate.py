@@ -51,3 +51,13 @@ def test_eval_stage_on_a_tiny_run(tiny_pipeline_run):
     assert "## Targets" in md and "concept_recovery" in md and "Shortcut audit" in md
     for rel in ("ensemble", "concepts", "localization", "deletion"):
         assert run.sub(PLOTS[rel]).stat().st_size > 1000, rel
+
+
+def test_summary_marks_an_undefined_auroc():
+    from sae_cxr.evaluate import summary_markdown
+
+    m = {"run": "r", "targets": {}, "classifier": {
+        "test": {"Edema": {"auroc": None, "auroc_ci": [None, None]},
+                 "Cardiomegaly": {"auroc": 0.9, "auroc_ci": [0.85, 0.95]}}}}
+    md = summary_markdown(m)
+    assert "| Edema | n/a |" in md and "| Cardiomegaly | 0.900 [0.850, 0.950] |" in md
