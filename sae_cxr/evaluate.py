@@ -44,6 +44,9 @@ class EvalConfig:
     """CXR-LanIC's range for the median number of reported patterns (informative, not a pass/fail)."""
     audit_splits: tuple[str, ...] = ("test",)
     """Predictions the shortcut audit reads."""
+    shortcut_min_reliance: float = 0.5
+    """The shortcut audit is graded only when the classifier uses the planted nuisance: its logit moves by
+    at least this much (logit units) with the nuisance on test_shifted, where the two are independent."""
     shortcut_min_auroc: float = 0.75
     """A pattern is the planted shortcut's when the nuisance is its best concept at this AUROC or more."""
 
@@ -224,11 +227,33 @@ def shortcut_metrics(run: RunDir, cfg: EvalConfig, classifier: dict[str, Any]) -
         a0, a1 = classifier["test"][sc.finding]["auroc"], classifier["test_shifted"][sc.finding]["auroc"]
         shift = {"auroc_test": a0, "auroc_test_shifted": a1,
                  "auroc_drop": a0 - a1 if a0 is not None and a1 is not None else None}
-    out["planted"] = {"shortcut": str(sc), "nuisance": sc.nuisance, "finding": sc.finding,
+    reliance = shortcut_reliance(run, sc.nuisance, sc.finding)
+    out["planted"] = {"shortcut": str(sc), "nuisance": sc.nuisance, "finding": sc.finding, "reliance": reliance,
                       "truth_patterns": truth.tolist(), "rank": rank, "found": rank == 1,
                       "finding_rank_by_nuisance_share": 1 + [a.finding for a in audit.ranked()].index(sc.finding)
                       if fa is not None else None, **shift}
     return out
+
+
+def shortcut_reliance(run: RunDir, nuisance: str, finding: str) -> float | None:
+    """How much the classifier uses the planted nuisance: on test_shifted (where nuisance and finding
+    are independent), the mean logit of `finding` with the nuisance minus without it, within each label
+    and averaged over the two labels (logit units). None without test_shifted predictions."""
+    from sae_cxr.attribution import PREDICTIONS
+    from sae_cxr.ingest import open_run_dataset
+
+    preds = pd.read_parquet(run.verify(PREDICTIONS), columns=["record_id", "split", "finding", "logit", "label"])
+    preds = preds[(preds["split"] == "test_shifted") & (preds["finding"] == finding)]
+    if preds.empty:
+        return None
+    has = {r.id: nuisance in r.concepts for r in open_run_dataset(run).records}
+    preds = preds.assign(nuisance=preds["record_id"].map(has))
+    gaps = []
+    for _, g in preds.groupby("label"):
+        on, off = g.loc[g["nuisance"] == True, "logit"], g.loc[g["nuisance"] == False, "logit"]  # noqa: E712
+        if len(on) >= 5 and len(off) >= 5:
+            gaps.append(float(on.mean() - off.mean()))
+    return round(float(np.mean(gaps)), 4) if gaps else None
 
 
 def grade(m: dict[str, Any], cfg: EvalConfig) -> dict[str, dict[str, Any]]:
@@ -277,7 +302,9 @@ def grade(m: dict[str, Any], cfg: EvalConfig) -> dict[str, dict[str, Any]]:
         if cr:
             got = cr["per_concept"].get(planted["nuisance"], {}).get("auroc", 0.0)
             check("shortcut_concept_recovered", got, ">= 0.9", got >= 0.9)
-        check("shortcut_found", planted["rank"], "rank 1 among device/artifact evidence", planted["found"])
+        used = planted.get("reliance") is None or abs(planted["reliance"]) >= cfg.shortcut_min_reliance
+        if used:  # a shortcut the classifier does not use leaves nothing to find: reported, not graded
+            check("shortcut_found", planted["rank"], "rank 1 among device/artifact evidence", planted["found"])
     return g
 
 
@@ -439,6 +466,7 @@ def summary_markdown(m: dict[str, Any]) -> str:
         lines += ["", "## Shortcut audit", "",
                   f"Planted `{p['shortcut']}`: truth patterns {p['truth_patterns']}; rank among device/artifact "
                   f"evidence for {p['finding']}: {p['rank']} ({'found' if p['found'] else 'not found'}); "
+                  f"the classifier's reliance on it: {_num(p.get('reliance'))} logit on test_shifted; "
                   f"AUROC test {_num(p.get('auroc_test'))} -> test_shifted {_num(p.get('auroc_test_shifted'))}."]
     if sc.get("nuisance_share"):
         lines += ["", "| finding | device/artifact share of evidence |", "|---|---|"]
