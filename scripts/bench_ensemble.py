@@ -53,18 +53,22 @@ class BenchConfig:
     m: int
     k: int
     E: int = 100
+    activation: str = "topk"
+    matryoshka: tuple[int, ...] | None = None
 
 
 CONFIGS = {
-    "demo": BenchConfig("demo", d_in=256, d_out=256, m=512, k=32),
+    # the stage's default: BatchTopK, Matryoshka (m/8, m/2, m), targets [h, 2x] (d_out = 256 + 256)
+    "demo": BenchConfig("demo", d_in=256, d_out=512, m=128, k=32, activation="batchtopk", matryoshka=(16, 64, 128)),
+    "demo-topk512": BenchConfig("demo-topk512", d_in=256, d_out=256, m=512, k=32),
     "cxr": BenchConfig("cxr-lanic", d_in=1024, d_out=256, m=2048, k=32),
 }
 
 
 class LoopTranscoder(nn.Module):
-    """One TopK transcoder as SAELens / dictionary_learning write it (dense everywhere)."""
+    """One TopK (or BatchTopK) transcoder as SAELens / dictionary_learning write it (dense everywhere)."""
 
-    def __init__(self, d_in: int, d_out: int, m: int, k: int, seed: int):
+    def __init__(self, d_in: int, d_out: int, m: int, k: int, seed: int, activation: str = "topk"):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         w = torch.randn(m, d_out, generator=g)
@@ -75,24 +79,34 @@ class LoopTranscoder(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(m))
         self.b_dec = nn.Parameter(torch.zeros(d_out))
         self.k = k
+        self.activation = activation
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        pre = x @ self.W_enc + self.b_enc
+        if self.activation == "batchtopk":  # the k * B largest over the whole batch
+            flat = pre.relu().flatten()
+            top = torch.topk(flat, self.k * len(x))
+            return torch.zeros_like(flat).scatter(0, top.indices, top.values).view_as(pre)
+        top = torch.topk(pre, self.k, dim=-1)
+        return torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pre = x @ self.W_enc + self.b_enc
-        top = torch.topk(pre, self.k, dim=-1)
-        z = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
-        return z @ self.W_dec + self.b_dec
+        return self.codes(x) @ self.W_dec + self.b_dec
 
 
 class LoopEnsemble:
     def __init__(self, bc: BenchConfig, lr: float = 1e-3, clip: float = 1.0):
-        self.members = [LoopTranscoder(bc.d_in, bc.d_out, bc.m, bc.k, seed=e) for e in range(bc.E)]
+        self.members = [LoopTranscoder(bc.d_in, bc.d_out, bc.m, bc.k, seed=e, activation=bc.activation)
+                        for e in range(bc.E)]
+        self.prefixes = bc.matryoshka or (bc.m,)
         self.opts = [torch.optim.Adam(mod.parameters(), lr=lr, fused=True) for mod in self.members]
         self.clip = clip
 
     def step(self, x: torch.Tensor, h: torch.Tensor) -> None:
         tv = (h - h.mean(0)).pow(2).sum()
         for mod, opt in zip(self.members, self.opts):
-            loss = (mod(x) - h).pow(2).sum() / tv
+            z = mod.codes(x)  # Matryoshka: every prefix reconstructs on its own, losses summed
+            loss = sum((z[:, :p] @ mod.W_dec[:p] + mod.b_dec - h).pow(2).sum() for p in self.prefixes) / tv
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(mod.parameters(), self.clip)
@@ -118,7 +132,8 @@ def bench_config(bc: BenchConfig, batch: int, repeats: int, steps: int, skip_loo
     x = torch.randn(batch, bc.d_in, generator=g)
     W1 = torch.randn(bc.d_out, bc.d_in, generator=g) / bc.d_in ** 0.5
     h = torch.relu(x @ W1.t())
-    ecfg = EnsembleConfig(d_in=bc.d_in, d_out=bc.d_out, n_members=bc.E, n_latents=bc.m, k=bc.k)
+    ecfg = EnsembleConfig(d_in=bc.d_in, d_out=bc.d_out, n_members=bc.E, n_latents=bc.m, k=bc.k,
+                          activation=bc.activation, matryoshka=bc.matryoshka)
     model = TranscoderEnsemble(ecfg)
     trainer = EnsembleTrainer(model, TrainConfig(lr=1e-3), n_samples=10 * batch)
     loop = None if skip_loop else LoopEnsemble(bc)
@@ -159,7 +174,8 @@ def profile_step(bc: BenchConfig, batch: int) -> str:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, bc.d_in, generator=g)
     h = torch.relu(x @ (torch.randn(bc.d_out, bc.d_in, generator=g) / bc.d_in ** 0.5).t())
-    model = TranscoderEnsemble(EnsembleConfig(d_in=bc.d_in, d_out=bc.d_out, n_members=bc.E, n_latents=bc.m, k=bc.k))
+    model = TranscoderEnsemble(EnsembleConfig(d_in=bc.d_in, d_out=bc.d_out, n_members=bc.E, n_latents=bc.m, k=bc.k,
+                                              activation=bc.activation, matryoshka=bc.matryoshka))
     trainer = EnsembleTrainer(model, TrainConfig(lr=1e-3), n_samples=10 * batch)
     for _ in range(2):
         trainer.step(x, h, lr=1e-3)
