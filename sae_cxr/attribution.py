@@ -416,11 +416,11 @@ def run_attribute(run: RunDir, cfg: AttributionConfig, seed: int = 0, ids: Seque
                   progress: bool = True) -> tuple[list[str], dict[str, Any]]:
     from sae_cxr.classifier import load_head
     from sae_cxr.extract import EmbeddingStore
-    from sae_cxr.ingest import open_run_dataset
+    from sae_cxr.ingest import record_index
     from sae_cxr.patterns import load_patterns
     from sae_cxr.transcoders.stage import load_ensemble
 
-    ds = open_run_dataset(run)
+    index = record_index(run)  # ids, splits, labels only: no Record objects for every image
     store = EmbeddingStore(run)
     ens, head = load_ensemble(run), load_head(run)
     table, arrays = load_patterns(run)
@@ -428,22 +428,22 @@ def run_attribute(run: RunDir, cfg: AttributionConfig, seed: int = 0, ids: Seque
     valid = store.valid
     if ids is not None:
         wanted = set(ids)
-        missing = wanted - {r.id for r in ds.records}
+        missing = wanted - set(index.ids.tolist())
         if missing:
             raise ValueError(f"{len(missing)} requested ids are not in the run, e.g. {sorted(missing)[:5]}")
-        rows = np.array([i for i, r in enumerate(ds.records) if r.id in wanted and valid[i]], dtype=np.int64)
+        rows = np.flatnonzero(np.isin(index.ids, list(wanted)) & valid).astype(np.int64)
     else:
-        rows = np.array([i for i, r in enumerate(ds.records) if r.split in cfg.splits and valid[i]], dtype=np.int64)
+        rows = np.flatnonzero(np.isin(index.splits, list(cfg.splits)) & valid).astype(np.int64)
     if len(rows) == 0:
-        raise ValueError(f"no images to attribute in splits {cfg.splits} (splits present: {ds.split_counts()})")
-    labels = ds.labels()
+        raise ValueError(f"no images to attribute in splits {cfg.splits} (splits present: {index.split_counts()})")
+    labels = index.labels
     t0 = time.perf_counter()
     if dist.is_distributed():  # each rank decomposes a contiguous block of rows; rank 0 merges in rank order
         a, b = dist.shard_range(len(rows))
         parts = run.sub(f"{ATTR_DIR}/parts")
         with dist.all_ranks("attribution"):
             parts.mkdir(parents=True, exist_ok=True)
-            mine = _decompose_rows(attr, ds, labels, store, rows[a:b], cfg, progress,
+            mine = _decompose_rows(attr, index, labels, store, rows[a:b], cfg, progress,
                                    parts / f"predictions-rank{dist.rank():05d}.parquet",
                                    parts / f"contributions-rank{dist.rank():05d}.parquet")
         tallies = dist.all_gather(mine)
@@ -455,20 +455,21 @@ def run_attribute(run: RunDir, cfg: AttributionConfig, seed: int = 0, ids: Seque
             if n_preds != tally.predictions:
                 raise RuntimeError(f"the attribution parts in {parts} hold {n_preds} predictions but the ranks "
                                    f"made {tally.predictions}; rerun the stage")
-            return _finish(run, cfg, ds, store, ens, head, table, arrays, attr, rows, tally, seconds)
+            return _finish(run, cfg, store, ens, head, table, arrays, attr, rows, tally, seconds)
 
         return dist.on_main(merge_and_finish, what="merging the attribution")
     run.sub(ATTR_DIR).mkdir(parents=True, exist_ok=True)
-    tally = _decompose_rows(attr, ds, labels, store, rows, cfg, progress, run.sub(PREDICTIONS), run.sub(CONTRIBUTIONS))
+    tally = _decompose_rows(attr, index, labels, store, rows, cfg, progress, run.sub(PREDICTIONS),
+                            run.sub(CONTRIBUTIONS))
     seconds = time.perf_counter() - t0
-    return _finish(run, cfg, ds, store, ens, head, table, arrays, attr, rows, tally, seconds)
+    return _finish(run, cfg, store, ens, head, table, arrays, attr, rows, tally, seconds)
 
 
 def _flush_rows(cfg: AttributionConfig) -> int:
     return max(cfg.batch_size * len(FINDINGS), 20_000)
 
 
-def _decompose_rows(attr: Attributor, ds, labels: np.ndarray, store, rows: np.ndarray, cfg: AttributionConfig,
+def _decompose_rows(attr: Attributor, index, labels: np.ndarray, store, rows: np.ndarray, cfg: AttributionConfig,
                     progress: bool, pred_path, contrib_path) -> _Tally:
     """Decompose `rows` (ascending) of the run, writing the prediction rows and the reported-pattern rows
     to `pred_path` and `contrib_path` (atomically); return the block's tally.
@@ -491,12 +492,12 @@ def _decompose_rows(attr: Attributor, ds, labels: np.ndarray, store, rows: np.nd
             worst = max(worst, batch.completeness_error())
             top.add(rb, batch.logit)
             B, C = batch.logit.shape
-            ids = [ds.records[r].id for r in rb]
+            ids = index.ids[rb].tolist()
             order, n_rep, cov = reported_patterns_batch(batch.contributions, cfg.coverage, cfg.max_patterns)
             n_reported += np.bincount(n_rep.reshape(-1), minlength=len(n_reported))
             pred_out.extend({
                 "record_id": np.repeat(np.array(ids, dtype=object), C), "row": np.repeat(rb, C),
-                "split": np.repeat(np.array([ds.records[r].split for r in rb], dtype=object), C),
+                "split": np.repeat(index.splits[rb], C),
                 "finding": np.tile(np.array(FINDINGS, dtype=object), B),
                 "logit": batch.logit.reshape(-1).astype(np.float64),
                 "probability": sigmoid(batch.logit.astype(np.float64)).reshape(-1),
@@ -548,7 +549,7 @@ def _merge_parts(run: RunDir, parts, cfg: AttributionConfig) -> int:
     return counts["predictions"]
 
 
-def _finish(run: RunDir, cfg: AttributionConfig, ds, store, ens, head, table, arrays, attr: Attributor,
+def _finish(run: RunDir, cfg: AttributionConfig, store, ens, head, table, arrays, attr: Attributor,
             rows: np.ndarray, tally: _Tally, seconds: float) -> tuple[list[str], dict[str, Any]]:
     """With the tables written: faithfulness and localization on samples, and the summary."""
     import shutil
@@ -564,9 +565,10 @@ def _finish(run: RunDir, cfg: AttributionConfig, ds, store, ens, head, table, ar
     outputs = [ATTR_DIR]
     loc = {}
     if cfg.localization_images > 0:
+        from sae_cxr.ingest import open_run_dataset
         from sae_cxr.localization import localization_eval
 
-        loc = localization_eval(run, ds, store, ens, head, table, arrays, rows, cfg, rng)
+        loc = localization_eval(run, open_run_dataset(run), store, ens, head, table, arrays, rows, cfg, rng)
         write_json_atomic(run.sub(LOCALIZATION), loc)
     n_reported = tally.n_reported
     summary = {"predictions": tally.predictions, "images": int(len(rows)),

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from sae_cxr.config import DataConfig
 from sae_cxr.data import open_dataset
 from sae_cxr.data.base import DataSet, Record, record_from_row
+from sae_cxr.findings import FINDINGS
 from sae_cxr.run import RECORDS, RunDir, atomic_path
 
 PHANTOM_DIR = "data"
@@ -80,6 +83,37 @@ def write_records(run: RunDir, ds: DataSet) -> Path:
 def read_records_table(run: RunDir) -> pd.DataFrame:
     run.require("data")
     return run.load_verified(RECORDS, pd.read_parquet)
+
+
+@dataclass
+class RecordIndex:
+    """The columns a batch stage needs for every record (id, split, the five labels) read straight from
+    records.parquet, without building Record objects (boxes, reports, metadata, image loaders): at 100k
+    images a few MB instead of hundreds."""
+
+    ids: np.ndarray  # [N] object (str)
+    splits: np.ndarray  # [N] object (str)
+    labels: np.ndarray  # [N, C] float32 in FINDINGS order, NaN where unknown
+
+    def __post_init__(self) -> None:
+        if not (len(self.ids) == len(self.splits) == len(self.labels)):
+            raise ValueError("ids, splits and labels must have one row per record")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def split_counts(self) -> dict[str, int]:
+        values, counts = np.unique(self.splits.astype(str), return_counts=True)
+        return {str(v): int(c) for v, c in zip(values, counts)}
+
+
+def record_index(run: RunDir) -> RecordIndex:
+    """The run's RecordIndex (same row order as open_run_dataset)."""
+    run.require("data")
+    cols = ["id", "split", *FINDINGS]
+    df = run.load_verified(RECORDS, lambda p: pd.read_parquet(p, columns=cols))
+    return RecordIndex(ids=df["id"].astype(str).to_numpy(dtype=object), splits=df["split"].astype(str).to_numpy(dtype=object),
+                       labels=df[list(FINDINGS)].to_numpy(dtype=np.float32))
 
 
 def open_run_dataset(run: RunDir) -> DataSet:
