@@ -153,6 +153,7 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_report(a: argparse.Namespace) -> int:
+    from sae_cxr import distributed as dist
     from sae_cxr.config import RunConfig
     from sae_cxr.pipeline import config_from_run, run_stage
     from sae_cxr.report import ReportConfig, build_report, read_ids_file, rerecord_stage_outputs
@@ -162,6 +163,8 @@ def cmd_report(a: argparse.Namespace) -> int:
     if a.split is None and a.ids is None and a.out is None and a.max_images is None and a.per_page is None:
         cfg = RunConfig.load(a.config) if a.config else config_from_run(run)
         summary = run_stage(run, "report", cfg, force=a.force)
+        if not dist.is_main():  # one report of the outcome per job, rank 0's
+            return 0
         state = "up to date, skipped" if summary.get("skipped") else f"done in {summary.get('seconds', 0):.1f} s"
         print(f"report: {state}")
         for split in cfg.report.splits:
@@ -179,9 +182,11 @@ def cmd_report(a: argparse.Namespace) -> int:
         kwargs["max_images"] = a.max_images
     if a.per_page is not None:
         kwargs["per_page"] = a.per_page
-    res = build_report(run, ReportConfig(**kwargs), out=a.out)
-    if rerecord_stage_outputs(run, res.out):
+    res = build_report(run, ReportConfig(**kwargs), out=a.out)  # under torchrun: pages split among the ranks
+    if dist.on_main(rerecord_stage_outputs, run, res.out, what="recording the rebuilt report"):
         print("(the report stage's recorded checksums were refreshed for the rebuilt folder)")
+    if not dist.is_main():
+        return 0
     print(f"report: {res.images} images on {res.pages} pages in {res.seconds:.1f} s ({res.images_per_s:.0f} images/s)")
     print(f"  {res.out / 'index.html'}")
     print(f"  manifest sha256 {res.manifest_sha256}")

@@ -130,7 +130,8 @@ STAGES: list[Stage] = [
     Stage("explain", ("label",), ("explain",), _stage_explain,
           "natural-language explanations for clinicians and lay readers; NLE metrics"),
     Stage("report", ("explain",), ("report",), _stage_report,
-          "batch attribution reports per split: offline HTML, the long evidence table, JSON per image"),
+          "batch attribution reports per split: offline HTML, the long evidence table, JSON per image",
+          distributed=True),
     Stage("eval", ("explain",), ("eval",), _stage_eval,
           "grade the run against the targets: metrics.json, plots, summary.md, the shortcut audit"),
 ]

@@ -38,6 +38,12 @@ of that image), heatmaps are small RGBA overlays the browser scales smoothly, an
 gallery thumbnail is embedded once per page. Pages are built and written one at a time, so memory
 is bounded by one page, not by the batch.
 
+Under torchrun (the `report` stage, or `sae-cxr report --split ...` launched with torchrun) each rank
+builds a contiguous block of pages into the same build folder, with its own part of the evidence
+table and images.csv; rank 0 merges the parts in page order, adds up the ranks' audit sums, writes
+the summary files and swaps the folder into place. The files equal one process's (the audit sums up
+to float rounding: each rank adds its own pages).
+
 The shortcut audit uses the FULL decomposition (`Attributor` over the report's images, every active
 pattern), not only the reported patterns: a nuisance pattern below the reporting cut still carries
 evidence, and an audit that only counts the reported ones would under-state it.
@@ -937,6 +943,18 @@ class _Audit:
                 self.carried[c] += int(doc.nuisance[f]["shortcut"])
         self.n += len(docs)
 
+    @classmethod
+    def merged(cls, P: int, parts: Sequence[_Audit]) -> _Audit:
+        """The sums over several ranks' blocks of pages, added in rank (= page) order. One part is
+        returned as it is; with several, sums equal one process's up to float rounding (order of addition)."""
+        if len(parts) == 1:
+            return parts[0]
+        out = cls(P)
+        for part in parts:
+            for k, v in vars(part).items():
+                setattr(out, k, getattr(out, k) + v)
+        return out
+
     def rows(self, ctx: _Context) -> list[dict[str, Any]]:
         out = []
         for c, f in enumerate(FINDINGS):
@@ -1207,13 +1225,13 @@ def _index_html(ctx: _Context, info: dict[str, Any], metrics: dict[str, Any], au
 class _TableWriters:
     """Streams the long table into Parquet (one row group per page) and CSV."""
 
-    def __init__(self, parquet_path: Path, csv_path: Path):
+    def __init__(self, parquet_path: Path, csv_path: Path | None):
         import pyarrow.csv as pcsv
         import pyarrow.parquet as pq
 
         self.schema = _long_schema()
         self.pq = pq.ParquetWriter(str(parquet_path), self.schema)
-        self.csv = pcsv.CSVWriter(str(csv_path), self.schema)
+        self.csv = pcsv.CSVWriter(str(csv_path), self.schema) if csv_path is not None else None  # None: a rank's part
         self.rows = 0
 
     def write(self, cols: dict[str, list]) -> None:
@@ -1221,15 +1239,21 @@ class _TableWriters:
 
         if not cols["record_id"]:
             return
-        table = pa.table({k: pa.array(cols[k], type=self.schema.field(k).type) for k in LONG_COLUMNS},
-                         schema=self.schema)
+        self.write_table(pa.table({k: pa.array(cols[k], type=self.schema.field(k).type) for k in LONG_COLUMNS},
+                                  schema=self.schema))
+
+    def write_table(self, table: Any) -> None:
+        """One page's rows (an Arrow table of the long schema) as one row group and CSV rows."""
+        table = table.cast(self.schema)
         self.pq.write_table(table)
-        self.csv.write_table(table)
+        if self.csv is not None:
+            self.csv.write_table(table)
         self.rows += table.num_rows
 
     def close(self) -> None:
         self.pq.close()
-        self.csv.close()
+        if self.csv is not None:
+            self.csv.close()
 
 
 def _jsonable(obj: Any) -> Any:
@@ -1260,46 +1284,164 @@ def build_report(run: RunDir, cfg: ReportConfig | None = None, out: str | os.Pat
 
 
 def _build(run: RunDir, cfg: ReportConfig, out: str | os.PathLike | None) -> ReportResult:
+    """Under torchrun every rank calls this with the same arguments: each rank builds a contiguous
+    block of pages (`dist.shard_range` over the pages, so numbering and links are those of one process)
+    into the shared build folder, with its own part of the evidence table and images.csv; rank 0
+    combines the summary accumulators (gathered in rank order), merges the parts in page order, writes
+    index.html and report.json and swaps the folder into place. One process: no parts, no collectives."""
     from sae_cxr import __version__
-    from sae_cxr.progress import progress_bar
+    from sae_cxr import distributed as dist
 
     t0 = time.perf_counter()
-    manifest_sha = sha256_file(run.path / MANIFEST)
-    built_at = _now()
-    sel = _select(run, cfg)
-    out_dir = Path(out).resolve() if out is not None else default_out(run, cfg.split, cfg.ids)
-    if out_dir == run.path or run.path.is_relative_to(out_dir):
-        raise ValueError(f"report output {out_dir} would replace the run directory itself; choose another --out")
-    ctx = _Context(run, cfg, sel)
+    # one build time, manifest checksum and build folder for every rank (the pages carry them)
+    manifest_sha, built_at, pid = dist.broadcast((sha256_file(run.path / MANIFEST), _now(), os.getpid()))
+    with dist.all_ranks(f"report {cfg.split}: loading the run"):  # a rank that fails here stops them all
+        sel = _select(run, cfg)
+        out_dir = Path(out).resolve() if out is not None else default_out(run, cfg.split, cfg.ids)
+        if out_dir == run.path or run.path.is_relative_to(out_dir):
+            raise ValueError(f"report output {out_dir} would replace the run directory itself; choose another --out")
+        ctx = _Context(run, cfg, sel)
     n = len(sel.ids)
     per = cfg.per_page
     n_pages = (n + per - 1) // per
     page_files = [f"page-{i + 1:04d}.html" for i in range(n_pages)]
     page_of = {rid: page_files[i // per] for i, rid in enumerate(sel.ids)}
-    audit = _Audit(ctx.P)
-    pages_meta: list[dict[str, Any]] = []
     files: list[str] = []
-    build = out_dir.parent / f".{out_dir.name}.building-{os.getpid()}"
-    if build.exists():
-        shutil.rmtree(build)
-    build.mkdir(parents=True)
-    worst_logit = 0.0
-    try:
-        with contextlib.ExitStack() as stack:
-            pq_path = stack.enter_context(atomic_path(build / "evidence.parquet"))
-            csv_path = stack.enter_context(atomic_path(build / "evidence.csv"))
-            idx_path = stack.enter_context(atomic_path(build / "images.csv"))
-            writers = _TableWriters(pq_path, csv_path)
-            stack.callback(writers.close)
-            idx_f = stack.enter_context(open(idx_path, "w", encoding="utf-8", newline=""))
-            import csv as _csv
+    build = out_dir.parent / f".{out_dir.name}.building-{pid}"
+    page = _PageBuilder(run, ctx, build, page_files, manifest_sha, built_at)
 
-            idx_w = _csv.writer(idx_f)
-            idx_w.writerow(["record_id", "page", "anchor", "json"])
-            (build / "json").mkdir()
-            bar = stack.enter_context(progress_bar(total=n, desc=f"report {cfg.split}", unit="img",
-                                                   disable=not cfg.progress))
-            for pi in range(n_pages):
+    def prepare() -> None:
+        if build.exists():
+            shutil.rmtree(build)
+        build.mkdir(parents=True)
+        (build / "json").mkdir()
+
+    try:
+        dist.on_main(prepare, what="creating the report's build folder")
+        if dist.is_distributed():
+            pa, pb = dist.shard_range(n_pages)
+            part = build / _PARTS / f"rank-{dist.rank():05d}"
+            with dist.all_ranks(f"report {cfg.split}: pages {pa + 1}-{pb}"):
+                part.mkdir(parents=True)
+                with contextlib.ExitStack() as stack:
+                    writers = _TableWriters(part / "evidence.parquet", None)
+                    stack.callback(writers.close)
+                    idx_f = stack.enter_context(open(part / "images.csv", "w", encoding="utf-8", newline=""))
+                    audit, pages_meta = page.write(range(pa, pb), writers, idx_f)
+            gathered = dist.all_gather((audit, pages_meta, writers.rows))
+        else:
+            with contextlib.ExitStack() as stack:
+                pq_path = stack.enter_context(atomic_path(build / "evidence.parquet"))
+                csv_path = stack.enter_context(atomic_path(build / "evidence.csv"))
+                idx_path = stack.enter_context(atomic_path(build / "images.csv"))
+                writers = _TableWriters(pq_path, csv_path)
+                stack.callback(writers.close)
+                idx_f = stack.enter_context(open(idx_path, "w", encoding="utf-8", newline=""))
+                idx_f.write(_IMAGES_HEADER)
+                audit, pages_meta = page.write(range(n_pages), writers, idx_f)
+            gathered = [(audit, pages_meta, writers.rows)]
+
+        def finish() -> ReportResult:
+            audit = _Audit.merged(ctx.P, [g[0] for g in gathered])
+            pages_meta = [m for g in gathered for m in g[1]]
+            long_rows = sum(g[2] for g in gathered)
+            if len(gathered) > 1:
+                merged_rows = _merge_parts(build, len(gathered))
+                if merged_rows != long_rows:
+                    raise RunError(f"the evidence parts in {build / _PARTS} hold {merged_rows} rows but the ranks "
+                                   f"wrote {long_rows}; rerun the report")
+            files.extend(page_files + ["evidence.parquet", "evidence.csv", "images.csv"])
+            loop_seconds = time.perf_counter() - t0
+            metrics = _auroc(run)
+            audit_rows = audit.rows(ctx)
+            top = _top_patterns(ctx, cfg.summary_rows, cfg.top_evidence_rank)
+            worst = _worst_explained(ctx, cfg.summary_rows, page_of)
+            seconds = time.perf_counter() - t0
+            info = {"run_name": (run.config("run") or {}).get("name") or run.path.name, "run_path": str(run.path),
+                    "images": n, "built_at": built_at, "build_seconds": seconds, "version": __version__,
+                    "manifest_sha256": manifest_sha}
+            write_bytes_atomic(build / "index.html",
+                               _index_html(ctx, info, metrics, audit_rows, top, worst, pages_meta,
+                                           page_of).encode("utf-8"))
+            seconds = time.perf_counter() - t0
+            summary = {"schema": SCHEMA, "run": {"path": str(run.path), "name": info["run_name"],
+                                                 "manifest_sha256": manifest_sha},
+                       "split": cfg.split, "images": n, "pages": pages_meta, "built_at": built_at,
+                       "build_seconds": round(seconds, 3), "images_per_s": round(n / max(seconds, 1e-9), 1),
+                       "config": asdict(cfg), "auroc": metrics.get(cfg.split, {}), "shortcut_audit": audit_rows,
+                       "top_patterns": top, "worst_explained": worst, "long_table_rows": long_rows,
+                       "explanations_from_explain_stage": len(ctx.explanations)}
+            if len(gathered) > 1:
+                summary["world_size"] = len(gathered)
+            write_json_atomic(build / "report.json", summary)
+            files.extend(["index.html", "report.json"])
+            _swap_into_place(build, out_dir)
+            log.info("report: %d images, %d pages in %.1f s (page loop %.1f s)", n, n_pages, seconds, loop_seconds)
+            return ReportResult(out=out_dir, images=n, pages=n_pages, seconds=seconds,
+                                images_per_s=n / max(seconds, 1e-9), manifest_sha256=manifest_sha, files=files)
+
+        return dist.on_main(finish, what=f"merging the report of split {cfg.split!r}")
+    except BaseException:
+        if dist.is_main():  # every rank has stopped writing: the collectives above failed on all of them
+            shutil.rmtree(build, ignore_errors=True)
+        raise
+
+
+_PARTS = ".parts"
+_IMAGES_HEADER = "record_id,page,anchor,json\r\n"  # csv.writer's header row, as one process writes it
+
+
+def _merge_parts(build: Path, world: int) -> int:
+    """Rank 0: the ranks' evidence parts, in rank (= page) order, into evidence.parquet (one row group
+    per page, as one process writes it), evidence.csv and images.csv; the parts are removed. Rows merged."""
+    import pyarrow.parquet as pq
+
+    parts = [build / _PARTS / f"rank-{r:05d}" for r in range(world)]
+    with contextlib.ExitStack() as stack:
+        pq_path = stack.enter_context(atomic_path(build / "evidence.parquet"))
+        csv_path = stack.enter_context(atomic_path(build / "evidence.csv"))
+        idx_path = stack.enter_context(atomic_path(build / "images.csv"))
+        writers = _TableWriters(pq_path, csv_path)
+        stack.callback(writers.close)
+        with open(idx_path, "w", encoding="utf-8", newline="") as idx_f:
+            idx_f.write(_IMAGES_HEADER)
+            for part in parts:
+                with pq.ParquetFile(str(part / "evidence.parquet")) as f:
+                    for g in range(f.num_row_groups):
+                        writers.write_table(f.read_row_group(g))
+                with open(part / "images.csv", encoding="utf-8", newline="") as src:
+                    shutil.copyfileobj(src, idx_f)
+    shutil.rmtree(build / _PARTS)
+    return writers.rows
+
+
+class _PageBuilder:
+    """Builds and writes pages (HTML, JSON per image, rows of the tables) of one report; any subset of
+    the pages, in any process, with the page numbering and links of the whole report."""
+
+    def __init__(self, run: RunDir, ctx: _Context, build: Path, page_files: list[str], manifest_sha: str,
+                 built_at: str):
+        self.run, self.ctx, self.build, self.page_files = run, ctx, build, page_files
+        self.manifest_sha, self.built_at = manifest_sha, built_at
+
+    def write(self, pages: range, writers: _TableWriters, idx_f: Any) -> tuple[_Audit, list[dict[str, Any]]]:
+        """Write `pages` (0-based) to the build folder, table rows to `writers` and `idx_f` (no header);
+        return the audit sums and page metadata of these pages."""
+        import csv as _csv
+
+        from sae_cxr.progress import progress_bar
+
+        run, ctx, build, page_files = self.run, self.ctx, self.build, self.page_files
+        manifest_sha, built_at = self.manifest_sha, self.built_at
+        cfg, sel = ctx.cfg, ctx.sel
+        n, per, n_pages = len(sel.ids), cfg.per_page, len(page_files)
+        audit = _Audit(ctx.P)
+        pages_meta: list[dict[str, Any]] = []
+        idx_w = _csv.writer(idx_f)
+        worst_logit = 0.0
+        n_mine = min(n, pages.stop * per) - pages.start * per if len(pages) else 0
+        with progress_bar(total=n_mine, desc=f"report {cfg.split}", unit="img", disable=not cfg.progress) as bar:
+            for pi in pages:
                 lo, hi = pi * per, min(n, (pi + 1) * per)
                 ids, rows = sel.ids[lo:hi], sel.rows[lo:hi]
                 full = ctx.attr.decompose(ctx.x[lo:hi])
@@ -1366,35 +1508,7 @@ def _build(run: RunDir, cfg: ReportConfig, out: str | os.PathLike | None) -> Rep
                           f'</span> · built {built_at}</p>' + "".join(sections) + nav + "</body></html>\n")
                 (build / page_files[pi]).write_bytes(body.encode("utf-8"))
                 pages_meta.append({"file": page_files[pi], "images": hi - lo, "first": ids[0], "last": ids[-1]})
-        files += page_files + ["evidence.parquet", "evidence.csv", "images.csv"]
-        loop_seconds = time.perf_counter() - t0
-        metrics = _auroc(run)
-        audit_rows = audit.rows(ctx)
-        top = _top_patterns(ctx, cfg.summary_rows, cfg.top_evidence_rank)
-        worst = _worst_explained(ctx, cfg.summary_rows, page_of)
-        seconds = time.perf_counter() - t0
-        info = {"run_name": (run.config("run") or {}).get("name") or run.path.name, "run_path": str(run.path),
-                "images": n, "built_at": built_at, "build_seconds": seconds, "version": __version__,
-                "manifest_sha256": manifest_sha}
-        write_bytes_atomic(build / "index.html",
-                           _index_html(ctx, info, metrics, audit_rows, top, worst, pages_meta, page_of).encode("utf-8"))
-        seconds = time.perf_counter() - t0
-        summary = {"schema": SCHEMA, "run": {"path": str(run.path), "name": info["run_name"],
-                                             "manifest_sha256": manifest_sha},
-                   "split": cfg.split, "images": n, "pages": pages_meta, "built_at": built_at,
-                   "build_seconds": round(seconds, 3), "images_per_s": round(n / max(seconds, 1e-9), 1),
-                   "config": asdict(cfg), "auroc": metrics.get(cfg.split, {}), "shortcut_audit": audit_rows,
-                   "top_patterns": top, "worst_explained": worst, "long_table_rows": writers.rows,
-                   "explanations_from_explain_stage": len(ctx.explanations)}
-        write_json_atomic(build / "report.json", summary)
-        files += ["index.html", "report.json"]
-        _swap_into_place(build, out_dir)
-    except BaseException:
-        shutil.rmtree(build, ignore_errors=True)
-        raise
-    log.info("report: %d images, %d pages in %.1f s (page loop %.1f s)", n, n_pages, seconds, loop_seconds)
-    return ReportResult(out=out_dir, images=n, pages=n_pages, seconds=seconds, images_per_s=n / max(seconds, 1e-9),
-                        manifest_sha256=manifest_sha, files=files)
+        return audit, pages_meta
 
 
 def _swap_into_place(build: Path, out_dir: Path) -> None:
