@@ -15,6 +15,10 @@ Under torchrun (sae_cxr.distributed) the shards still to do are divided among th
 contiguous blocks; each rank writes its own shard files, and rank 0 writes index.json once every
 rank has finished. A shard is the same record range with the same batches whichever rank embeds
 it, so the files are the ones a single process writes.
+
+Records come from `sae_cxr.ingest.RunRecords` (the pipeline's path): ids and splits of every record,
+Record objects only for the shard being embedded, so not even the record list grows with the data set.
+A plain list of Records is accepted too (tests, callers that hold one).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -105,6 +109,37 @@ class _ImageSet(Dataset):
 
 def _collate(batch):
     return torch.stack([b[0] for b in batch]), torch.tensor([b[1] for b in batch]), [b[2] for b in batch]
+
+
+class RecordSource(Protocol):
+    """What extraction needs of the records: every id and split, and Record objects by row range."""
+
+    ids: Sequence[str]
+    splits: Sequence[str]
+
+    def __len__(self) -> int: ...
+
+    def iter_ranges(self, ranges: Iterable[tuple[int, int]]) -> Iterator[tuple[int, int, Sequence[Record]]]: ...
+
+
+class ListRecords:
+    """A RecordSource over Records already in memory."""
+
+    def __init__(self, records: Sequence[Record]):
+        self.records = records
+        self.ids = [r.id for r in records]
+        self.splits = [r.split for r in records]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def iter_ranges(self, ranges: Iterable[tuple[int, int]]) -> Iterator[tuple[int, int, Sequence[Record]]]:
+        for s, e in ranges:
+            yield s, e, self.records[s:e]
+
+
+def as_record_source(records: Sequence[Record] | RecordSource) -> RecordSource:
+    return records if hasattr(records, "iter_ranges") else ListRecords(records)  # type: ignore[return-value]
 
 
 @dataclass
@@ -204,9 +239,10 @@ class _null:
         return False
 
 
-def run_extract(run: RunDir, cfg: ExtractConfig, records: Sequence[Record], skip_bad: bool = False,
+def run_extract(run: RunDir, cfg: ExtractConfig, records: Sequence[Record] | RecordSource, skip_bad: bool = False,
                 backbone: Backbone | None = None, progress: bool = True) -> tuple[list[str], dict[str, Any]]:
-    """Write embeddings/ for `records` (in records.parquet order), resuming from finished shards.
+    """Write embeddings/ for `records` (in records.parquet order; a RunRecords or a list), resuming from
+    finished shards.
 
     Under torchrun every rank calls this with the same arguments (see the module docstring)."""
     from safetensors.numpy import save_file
@@ -220,15 +256,17 @@ def run_extract(run: RunDir, cfg: ExtractConfig, records: Sequence[Record], skip
     if cfg.mode == "multimodal" and not backbone.has_text:
         raise ValueError(f"multimodal mode needs a text tower; backbone {backbone.name} has none")
     info = backbone.info()
-    settings = {"backbone": info, "mode": cfg.mode, "patches": cfg.patches, "ids": sha256_json([r.id for r in records])}
+    source = as_record_source(records)
+    ids = [str(i) for i in source.ids]
+    settings = {"backbone": info, "mode": cfg.mode, "patches": cfg.patches, "ids": sha256_json(ids)}
     settings_hash = sha256_json(settings)
     keep_splits = PATCH_SPLITS[cfg.patches]
-    keep = np.array([keep_splits is None or r.split in keep_splits for r in records], dtype=bool)
+    keep = np.array([keep_splits is None or str(sp) in keep_splits for sp in source.splits], dtype=bool)
     out_dir = run.sub(EMB_DIR)
     out_dir.mkdir(parents=True, exist_ok=True)
     for leftover in out_dir.glob(".shard-*.tmp"):  # a killed extraction's half-written shard, never renamed
         leftover.unlink(missing_ok=True)
-    n = len(records)
+    n = len(source)
     bounds = [(s, min(s + cfg.shard_size, n)) for s in range(0, n, cfg.shard_size)]
     names = [f"shard-{k:05d}.safetensors" for k in range(len(bounds))]
     # rank 0 decides which shards are still to do, so that all ranks divide the same list
@@ -244,9 +282,9 @@ def run_extract(run: RunDir, cfg: ExtractConfig, records: Sequence[Record], skip
         with progress_bar(total=total, desc=f"extract ({backbone.name})", unit="img", disable=not progress) as bar:
             if not dist.is_distributed():
                 bar.update(sum(e - s for ok, (s, e) in zip(done, bounds) if ok))
-            for k in mine:
-                s, e = bounds[k]
-                arrays = encode_records(backbone, records[s:e], cfg, keep[s:e], skip_bad, bar, timing)
+            for k, (s, e, shard_records) in zip(mine, source.iter_ranges([bounds[k] for k in mine])):
+                arrays = encode_records(backbone, shard_records, cfg, keep[s:e], skip_bad, bar, timing)
+                del shard_records
                 meta = {"settings": settings_hash, "start": str(s), "stop": str(e)}
                 with atomic_path(out_dir / names[k]) as tmp:
                     save_file(arrays, str(tmp), metadata=meta)
@@ -280,7 +318,7 @@ def run_extract(run: RunDir, cfg: ExtractConfig, records: Sequence[Record], skip
         if dist.is_distributed():
             summary["shards_per_rank"] = [len(dist.shard(todo, r)) for r in range(dist.world_size())]
         if invalid:
-            bad = [records[i].id for i in np.flatnonzero(~store.valid)[:20]]
+            bad = [ids[i] for i in np.flatnonzero(~store.valid)[:20]]
             write_json_atomic(run.sub("embeddings/unreadable.json"), {"count": invalid, "first_ids": bad})
         return [EMB_DIR], summary
 

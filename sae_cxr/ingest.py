@@ -12,7 +12,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -118,21 +118,111 @@ def record_index(run: RunDir) -> RecordIndex:
 
 def open_run_dataset(run: RunDir) -> DataSet:
     """The run's data set: records from records.parquet, images through the stored spec."""
+    spec = _dataset_spec(run)
+    df = read_records_table(run)
+    loaders = _loaders_for(spec, df)
+    return DataSet(_records_from_df(run, spec, df, lambda i, rid: loaders.get(rid)), spec=spec)
+
+
+def _dataset_spec(run: RunDir) -> dict[str, Any]:
     spec = run.manifest().get("dataset")
     if not spec:
         raise ValueError(f"run {run.path} has no data set yet; run the data stage first")
-    df = read_records_table(run)
-    loaders = _loaders_for(spec, df)
-    records: list[Record] = [record_from_row(row, loaders.get(row["id"])) for row in df.to_dict("records")]
+    return spec
+
+
+def _records_from_df(run: RunDir, spec: dict[str, Any], df: pd.DataFrame, loader: Callable[[int, str], Any],
+                     offset: int = 0) -> list[Record]:
+    """Records for the rows of `df` (rows offset, offset + 1, ... of records.parquet)."""
+    records = [record_from_row(row, loader(offset + i, str(row["id"]))) for i, row in enumerate(df.to_dict("records"))]
     if spec.get("relative_to_run"):
         for r in records:
             if r.path and not os.path.isabs(r.path):
                 r.path = str(run.path / r.path)
-    return DataSet(records, spec=spec)
+    return records
 
 
-def _loaders_for(spec: dict[str, Any], df: pd.DataFrame) -> dict[str, Any]:
-    """Lazy loaders for records that have no image file (an in-memory phantom world)."""
+def _loaders_for(spec: dict[str, Any], df: pd.DataFrame | None = None) -> dict[str, Any]:
+    """Lazy loaders for records that have no image file (an in-memory phantom world).
+
+    This regenerates the whole phantom world (its cases, not its pixels): memory grows with the number
+    of records. Runs made by the data stage store their phantom images as files, so this path is only
+    taken for data sets opened from an in-memory spec."""
     if spec.get("kind") != "phantom":
         return {}
     return {r.id: r.loader for r in open_dataset(spec)}
+
+
+class RunRecords:
+    """The run's records read lazily from records.parquet: ids and splits of every record up front
+    (a RecordIndex, a few MB at 100k images), Record objects only for the row ranges asked for, streamed
+    from the file in chunks (`iter_ranges`). What extraction uses, so its memory is bounded by a shard,
+    not by the data set; the records are the ones `open_run_dataset` builds, row for row.
+
+    `loader(row, id)` overrides where pixels come from (default: the stored spec, as open_run_dataset).
+    A spec of kind "phantom" (images regenerated in memory, no files) builds the whole world's loaders
+    on first use: that path is correct but not memory-bounded."""
+
+    def __init__(self, run: RunDir, loader: Callable[[int, str], Any] | None = None, chunk_rows: int = 4096):
+        self.run = run
+        self.spec = _dataset_spec(run)
+        self.index = record_index(run)
+        self.chunk_rows = chunk_rows
+        self._loader = loader
+        self._loaders: dict[str, Any] | None = None
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def ids(self) -> np.ndarray:
+        return self.index.ids
+
+    @property
+    def splits(self) -> np.ndarray:
+        return self.index.splits
+
+    def _loader_fn(self) -> Callable[[int, str], Any]:
+        if self._loader is not None:
+            return self._loader
+        if self._loaders is None:
+            self._loaders = _loaders_for(self.spec)
+        loaders = self._loaders
+        return lambda i, rid: loaders.get(rid)
+
+    def iter_ranges(self, ranges: Iterable[tuple[int, int]]) -> Iterator[tuple[int, int, list[Record]]]:
+        """(start, stop, records) for each [start, stop) of `ranges` (ascending, not overlapping), reading
+        records.parquet once from the front and holding at most one range plus one chunk of rows."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        ranges = [(int(s), int(e)) for s, e in ranges]
+        for (s0, e0), (s1, _) in zip(ranges, ranges[1:]):
+            if s1 < e0:
+                raise ValueError("iter_ranges needs ascending, non-overlapping ranges")
+        if not ranges:
+            return
+        path, ident = self.run.verify_identity(RECORDS)
+        loader = self._loader_fn()
+        pf = pq.ParquetFile(path)
+        schema = pf.schema_arrow
+        batches = pf.iter_batches(batch_size=self.chunk_rows)
+        buf: list[Any] = []  # record batches covering rows [buf_start, buf_stop)
+        buf_start = buf_stop = 0
+        try:
+            for s, e in ranges:
+                if not 0 <= s <= e <= len(self):
+                    raise IndexError(f"rows [{s}, {e}) outside records.parquet's {len(self)} rows")
+                while buf_stop < e:
+                    b = next(batches)
+                    buf.append(b)
+                    buf_stop += b.num_rows
+                while buf and buf_start + buf[0].num_rows <= s:  # rows before this range: not needed again
+                    buf_start += buf.pop(0).num_rows
+                table = pa.Table.from_batches(buf, schema=schema).slice(s - buf_start, e - s)
+                df = table.to_pandas()
+                if ident is not None:
+                    self.run.check_unchanged(path, ident)
+                yield s, e, _records_from_df(self.run, self.spec, df, loader, offset=s)
+        finally:
+            pf.close()

@@ -48,10 +48,10 @@ def _stage_data(run: RunDir, cfg: RunConfig) -> StageResult:
 
 def _stage_extract(run: RunDir, cfg: RunConfig) -> StageResult:
     from sae_cxr.extract import run_extract
-    from sae_cxr.ingest import open_run_dataset
+    from sae_cxr.ingest import RunRecords
 
-    ds = open_run_dataset(run)
-    return StageResult(*run_extract(run, cfg.extract, ds.records, skip_bad=cfg.data.skip_bad))
+    # records are built shard by shard from records.parquet: memory bounded by the shard, not the data set
+    return StageResult(*run_extract(run, cfg.extract, RunRecords(run), skip_bad=cfg.data.skip_bad))
 
 
 def _stage_classifier(run: RunDir, cfg: RunConfig) -> StageResult:

@@ -3,16 +3,20 @@
 The claim under test (issue 11): extracting and attributing 100k phantom images needs memory
 bounded by the batch and shard size, not by the number of images. One process measures every
 size, so allocator state, imported libraries and the model are the same for all of them:
-before each stage the kernel's peak-RSS counter (VmHWM) is reset through /proc/self/clear_refs,
-and the stage's peak is read back afterwards. Printed per size and stage: RSS at the start, the
-peak, the growth during the stage (peak - start) and both as a ratio to the smallest size.
+before each stage freed heap is returned to the kernel (malloc_trim) and the kernel's peak-RSS
+counter (VmHWM) is reset through /proc/self/clear_refs, and the stage's peak is read back
+afterwards. Printed per size and stage: RSS at the start, the peak, the growth during the stage
+(peak - start) and both as a ratio to the smallest size.
 
 What scales with the number of images is the pipeline's bookkeeping (records, shards, the
 attribution tables), not one batch's pixels, so the expensive parts are made cheap to reach 100k
 images on two CPU cores: the backbone is a fixed random projection of the pooled image to 512-d
 (BiomedCLIP's width, so an array held per image would show: 100k x 512 x 4 B = 195 MiB), and
 pixels come from a bank of 64 rendered phantom images cycled over the records (the records'
-ids, labels, concepts, boxes and reports are the phantom world's, all N of them). The model
+ids, labels, concepts, boxes and reports are the phantom world's, all N of them). Extraction
+reads its records from the run's records.parquet as the pipeline's extract stage does
+(`RunRecords`, Records built one shard at a time), with only the pixel loader swapped for the bank;
+the harness holds no record list during it. The model
 (classifier, 3 transcoders, patterns) is trained once, on the baseline size, in a child process,
 so its memory does not sit in the measuring process; every size reuses it. The baseline size is
 measured twice and the first pass (first-use imports and allocator growth) is not used.
@@ -23,6 +27,7 @@ measured twice and the first pass (first-use imports and allocator growth) is no
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import logging
 import os
@@ -43,10 +48,9 @@ import torch  # noqa: E402
 from sae_cxr.attribution import run_attribute  # noqa: E402
 from sae_cxr.backbones.base import Backbone, ImageEncoding, state_dict_sha256  # noqa: E402
 from sae_cxr.config import RunConfig  # noqa: E402
-from sae_cxr.data.base import Record  # noqa: E402
 from sae_cxr.data.phantom import PhantomConfig, PhantomWorld  # noqa: E402
 from sae_cxr.extract import run_extract  # noqa: E402
-from sae_cxr.ingest import write_records  # noqa: E402
+from sae_cxr.ingest import RunRecords, write_records  # noqa: E402
 from sae_cxr.run import RECORDS, RunDir  # noqa: E402
 
 MODEL_STAGES = ("train-classifier", "train-transcoders", "patterns")
@@ -82,8 +86,18 @@ def reset_peak() -> None:
         f.write("5")
 
 
+def release_free_memory() -> None:
+    """Hand freed heap back to the kernel (glibc malloc_trim), so that a stage does not start on the
+    previous stage's freed-but-kept pages: its growth would then read as ~0 whatever it allocates."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: growth may then be understated
+        pass
+
+
 def measure(n: int, stage: str, fn: Callable[[], object]) -> StageMemory:
     gc.collect()
+    release_free_memory()
     reset_peak()
     start = _status_kib("VmRSS")
     t0 = time.perf_counter()
@@ -137,19 +151,18 @@ def bench_config(n: int, batch: int) -> RunConfig:
     return cfg
 
 
-def write_data(run: RunDir, cfg: RunConfig, n: int, bank: np.ndarray) -> list[Record]:
-    """records.parquet for the first n phantom cases, the data stage marked done; records with bank pixels."""
+def write_data(run: RunDir, cfg: RunConfig, n: int) -> None:
+    """records.parquet for the first n phantom cases, the data stage marked done (the records are dropped)."""
     pcfg = PhantomConfig.from_dict({**cfg.data.phantom.to_dict(), "n": n})
     ds = PhantomWorld(pcfg).dataset()
-    for i, r in enumerate(ds.records):
-        r.loader = BankLoader(bank, i)
     write_records(run, ds)
     run.update_manifest(dataset=ds.spec)
     run.finish_stage("data", [RECORDS])
-    return ds.records
 
 
-def extract(run: RunDir, cfg: RunConfig, records: list[Record], backbone: Backbone) -> None:
+def extract(run: RunDir, cfg: RunConfig, bank: np.ndarray, backbone: Backbone) -> None:
+    """The extract stage's path: records streamed from records.parquet, a shard at a time; pixels from the bank."""
+    records = RunRecords(run, loader=lambda i, rid: BankLoader(bank, i))
     outputs, _ = run_extract(run, cfg.extract, records, backbone=backbone, progress=False)
     run.finish_stage("extract", outputs)
 
@@ -165,7 +178,8 @@ def train_model(model_dir: Path, n: int, batch: int) -> None:
 
     cfg = bench_config(n, batch)
     run = RunDir(model_dir, create=True)
-    extract(run, cfg, write_data(run, cfg, n, render_bank(cfg)), ProjectionBackbone())
+    write_data(run, cfg, n)
+    extract(run, cfg, render_bank(cfg), ProjectionBackbone())
     for name in MODEL_STAGES:
         run_stage(run, name, cfg)
 
@@ -175,10 +189,8 @@ def sized_run(model: RunDir, dst: Path, cfg: RunConfig, n: int, bank: np.ndarray
     """A run with the model's classifier, transcoders and patterns and `n` phantom records."""
     shutil.copytree(model.path, dst, ignore=shutil.ignore_patterns(*NOT_COPIED, ".*.lock"))
     run = RunDir(dst)
-    holder: dict[str, list[Record]] = {}
-    out = [measure(n, "records", lambda: holder.setdefault("records", write_data(run, cfg, n, bank))),
-           measure(n, "extract", lambda: extract(run, cfg, holder["records"], backbone))]
-    holder.clear()
+    out = [measure(n, "records", lambda: write_data(run, cfg, n)),
+           measure(n, "extract", lambda: extract(run, cfg, bank, backbone))]
     out.append(measure(n, "attribute", lambda: run_attribute(run, cfg.attribution, progress=False)))
     shutil.rmtree(dst)
     return out
