@@ -10,13 +10,19 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import logging
+
 import streamlit as st
+
+from sae_cxr.serving import install_secret_filter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # appkit and plots live next to this file
 
 import appkit  # noqa: E402
 
 st.set_page_config(page_title="sae-cxr", page_icon=":material/radiology:", layout="wide")
+for _logger in (logging.getLogger(), logging.getLogger("streamlit"), logging.getLogger("sae_cxr")):
+    install_secret_filter(_logger)  # API keys (an LMM endpoint's) never reach the server's log
 
 st.session_state["_run"] = appkit.select_run()
 run = st.session_state["_run"]
