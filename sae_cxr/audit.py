@@ -51,6 +51,14 @@ class EvidenceSums:
         self.square += (contributions ** 2).sum(0)
         self.n_images += contributions.shape[0]
 
+    def merge(self, other: "EvidenceSums") -> None:
+        """Add sums accumulated over other images (another block of pages, another rank)."""
+        self.net += other.net
+        self.magnitude += other.magnitude
+        self.n_active += other.n_active
+        self.square += other.square
+        self.n_images += other.n_images
+
     def swing(self) -> np.ndarray:
         """[P, C] standard deviation over images of the pattern's term (logit units): how much the
         pattern moves the logit from one image to the next. A pattern that fires on every image with

@@ -146,7 +146,7 @@ def probe_ceiling(run: RunDir, max_fit: int = 4000, seed: int = 0) -> dict[str, 
     fit = np.flatnonzero(store.valid & np.isin(splits, ["train", "val"]))
     held = np.flatnonzero(store.valid & (splits == "test"))
     fit = np.random.default_rng(seed).permutation(fit)[:max_fit]
-    truth = np.array([[c in r.concepts for c in CONCEPT_NAMES] for r in ds.records], dtype=np.float64)
+    truth = ds.concept_truth()
     mu, sd = x[fit].mean(0), x[fit].std(0) + 1e-8
     out: dict[str, float] = {}
     for j, c in enumerate(CONCEPT_NAMES):

@@ -457,7 +457,7 @@ def pattern_table(ens, head, patterns: PatternSet, stats: LatentStats, act: np.n
     lab_au, lab_pur = concept_scores(act[fit_rows], labels[fit_rows], cfg.top_k)
     concepts_present = any(r.concepts for r in ds.records)
     if concepts_present:
-        truth = np.array([[c in r.concepts for c in CONCEPT_NAMES] for r in ds.records], dtype=np.float64)
+        truth = ds.concept_truth()
         con_au, con_pur = concept_scores(act[fit_rows], truth[fit_rows], cfg.top_k)
     for p in range(P):
         nz = v[:, p][fires[:, p]]

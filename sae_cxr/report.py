@@ -910,28 +910,21 @@ def _nav(index: str, prev: str | None, nxt: str | None, label: str) -> str:
 # Summary accumulators
 # ------------------------------------------------------------------------------------------------
 class _Audit:
-    """Shortcut-audit sums over the full decompositions of every reported image."""
+    """Shortcut-audit sums over the full decompositions of every reported image: the per-pattern sums
+    of `sae_cxr.audit` (category shares are derived from them), plus the positive-call support."""
 
     def __init__(self, P: int):
+        from sae_cxr.audit import EvidenceSums
+
         C = len(FINDINGS)
-        self.abs_total = np.zeros(C)
-        self.abs_device = np.zeros(C)
-        self.abs_artifact = np.zeros(C)
-        self.abs_unnamed = np.zeros(C)
+        self.sums = EvidenceSums.zeros(P, C)
         self.pos_support = np.zeros(C)
         self.pos_support_nuisance = np.zeros(C)
         self.n_pos = np.zeros(C, dtype=np.int64)
         self.carried = np.zeros(C, dtype=np.int64)
-        self.pattern_abs = np.zeros((P, C))
-        self.n = 0
 
     def add(self, ctx: _Context, contributions: np.ndarray, docs: Sequence[_ImageDoc]) -> None:
-        mag = np.abs(contributions)  # [B, P, C]
-        self.abs_total += mag.sum((0, 1))
-        self.abs_device += mag[:, ctx.device].sum((0, 1))
-        self.abs_artifact += mag[:, ctx.artifact].sum((0, 1))
-        self.abs_unnamed += mag[:, ~ctx.named].sum((0, 1))
-        self.pattern_abs += mag.sum(0)
+        self.sums.add(contributions)  # [B, P, C]
         for b, doc in enumerate(docs):
             for c, f in enumerate(FINDINGS):
                 if doc.explanations[f][ctx.audiences[0]].decision:
@@ -941,7 +934,6 @@ class _Audit:
                     self.pos_support[c] += pos.sum()
                     self.pos_support_nuisance[c] += pos[ctx.nuisance].sum()
                 self.carried[c] += int(doc.nuisance[f]["shortcut"])
-        self.n += len(docs)
 
     @classmethod
     def merged(cls, P: int, parts: Sequence[_Audit]) -> _Audit:
@@ -951,33 +943,39 @@ class _Audit:
             return parts[0]
         out = cls(P)
         for part in parts:
-            for k, v in vars(part).items():
-                setattr(out, k, getattr(out, k) + v)
+            out.sums.merge(part.sums)
+            for k in ("pos_support", "pos_support_nuisance", "n_pos", "carried"):
+                setattr(out, k, getattr(out, k) + getattr(part, k))
         return out
 
     def rows(self, ctx: _Context) -> list[dict[str, Any]]:
+        mag = self.sums.magnitude  # [P, C] sum of |contribution| per pattern
+
+        def share(part: np.ndarray, c: int, tot: float) -> float:
+            return float(mag[part, c].sum() / tot) if tot > 0 else 0.0
+
         out = []
         for c, f in enumerate(FINDINGS):
-            tot = self.abs_total[c]
+            tot = float(mag[:, c].sum())
             nuis = np.flatnonzero(ctx.nuisance)
             top = None
             if len(nuis):
-                k = int(nuis[np.argmax(self.pattern_abs[nuis, c])])
-                if self.pattern_abs[k, c] > 0:
+                k = int(nuis[np.argmax(mag[nuis, c])])
+                if mag[k, c] > 0:
                     lab = ctx.labels.get(k)
                     top = {"pattern_id": k, "label": None if lab is None else lab.label,
                            "category": None if lab is None else lab.category,
-                           "share": float(self.pattern_abs[k, c] / tot) if tot > 0 else 0.0}
+                           "share": float(mag[k, c] / tot) if tot > 0 else 0.0}
             out.append({
                 "finding": f,
-                "device_share": float(self.abs_device[c] / tot) if tot > 0 else 0.0,
-                "artifact_share": float(self.abs_artifact[c] / tot) if tot > 0 else 0.0,
-                "unnamed_share": float(self.abs_unnamed[c] / tot) if tot > 0 else 0.0,
+                "device_share": share(ctx.device, c, tot),
+                "artifact_share": share(ctx.artifact, c, tot),
+                "unnamed_share": share(~ctx.named, c, tot),
                 "positive_calls": int(self.n_pos[c]),
                 "nuisance_share_of_support_in_positive_calls":
                     float(self.pos_support_nuisance[c] / self.pos_support[c]) if self.pos_support[c] > 0 else None,
                 "predictions_with_shortcut": int(self.carried[c]),
-                "images": int(self.n),
+                "images": int(self.sums.n_images),
                 "top_nuisance_pattern": top,
             })
         return out
@@ -1330,14 +1328,7 @@ def _build(run: RunDir, cfg: ReportConfig, out: str | os.PathLike | None) -> Rep
                     audit, pages_meta = page.write(range(pa, pb), writers, idx_f)
             gathered = dist.all_gather((audit, pages_meta, writers.rows))
         else:
-            with contextlib.ExitStack() as stack:
-                pq_path = stack.enter_context(atomic_path(build / "evidence.parquet"))
-                csv_path = stack.enter_context(atomic_path(build / "evidence.csv"))
-                idx_path = stack.enter_context(atomic_path(build / "images.csv"))
-                writers = _TableWriters(pq_path, csv_path)
-                stack.callback(writers.close)
-                idx_f = stack.enter_context(open(idx_path, "w", encoding="utf-8", newline=""))
-                idx_f.write(_IMAGES_HEADER)
+            with _final_tables(build) as (writers, idx_f):
                 audit, pages_meta = page.write(range(n_pages), writers, idx_f)
             gathered = [(audit, pages_meta, writers.rows)]
 
@@ -1397,22 +1388,30 @@ def _merge_parts(build: Path, world: int) -> int:
     import pyarrow.parquet as pq
 
     parts = [build / _PARTS / f"rank-{r:05d}" for r in range(world)]
+    with _final_tables(build) as (writers, idx_f):
+        for part in parts:
+            with pq.ParquetFile(str(part / "evidence.parquet")) as f:
+                for g in range(f.num_row_groups):
+                    writers.write_table(f.read_row_group(g))
+            with open(part / "images.csv", encoding="utf-8", newline="") as src:
+                shutil.copyfileobj(src, idx_f)
+    shutil.rmtree(build / _PARTS)
+    return writers.rows
+
+
+@contextlib.contextmanager
+def _final_tables(build: Path) -> Iterator[tuple[_TableWriters, Any]]:
+    """The report's evidence.parquet, evidence.csv and images.csv (header written), each written to a
+    temporary name and moved into place on a clean exit; the one place that opens them."""
     with contextlib.ExitStack() as stack:
         pq_path = stack.enter_context(atomic_path(build / "evidence.parquet"))
         csv_path = stack.enter_context(atomic_path(build / "evidence.csv"))
         idx_path = stack.enter_context(atomic_path(build / "images.csv"))
         writers = _TableWriters(pq_path, csv_path)
         stack.callback(writers.close)
-        with open(idx_path, "w", encoding="utf-8", newline="") as idx_f:
-            idx_f.write(_IMAGES_HEADER)
-            for part in parts:
-                with pq.ParquetFile(str(part / "evidence.parquet")) as f:
-                    for g in range(f.num_row_groups):
-                        writers.write_table(f.read_row_group(g))
-                with open(part / "images.csv", encoding="utf-8", newline="") as src:
-                    shutil.copyfileobj(src, idx_f)
-    shutil.rmtree(build / _PARTS)
-    return writers.rows
+        idx_f = stack.enter_context(open(idx_path, "w", encoding="utf-8", newline=""))
+        idx_f.write(_IMAGES_HEADER)
+        yield writers, idx_f
 
 
 class _PageBuilder:

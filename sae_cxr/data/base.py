@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from sae_cxr.findings import FINDINGS
+from sae_cxr.findings import CONCEPT_NAMES, FINDINGS
 
 SPLITS: tuple[str, ...] = ("train", "val", "test", "test_shifted")
 
@@ -198,3 +198,8 @@ class DataSet(Sequence[Record]):
         if not self.records:
             return np.zeros((0, len(FINDINGS)), dtype=np.float32)
         return np.stack([r.labels for r in self.records])
+
+    def concept_truth(self) -> np.ndarray:
+        """[N, 18] 1.0 where the record carries the planted concept (CONCEPT_NAMES order), in record order."""
+        return np.array([[c in r.concepts for c in CONCEPT_NAMES] for r in self.records],
+                        dtype=np.float64).reshape(len(self.records), len(CONCEPT_NAMES))
