@@ -24,24 +24,39 @@ NUISANCE_CATEGORIES = ("device", "artifact")
 
 @dataclass
 class EvidenceSums:
-    """Per pattern and finding, sums over images of the decomposition's pattern terms."""
+    """Per pattern and finding, sums over images of the decomposition's pattern terms; optionally also
+    per GROUP of patterns (patterns sharing a label), summed within each image before squaring, so a
+    group's swing is the spread of its joint push, not of its members one by one."""
 
     net: np.ndarray  # [P, C] sum of signed contributions
     magnitude: np.ndarray  # [P, C] sum of |contribution|
     n_active: np.ndarray  # [P, C] images where the pattern's term is non-zero
     square: np.ndarray  # [P, C] sum of squared contributions
     n_images: int = 0
+    groups: np.ndarray | None = None  # [P] group id per pattern, -1 = in no group
+    group_net: np.ndarray | None = None  # [G, C] sum over images of the group's summed term
+    group_square: np.ndarray | None = None  # [G, C] sum over images of its square
 
     def __post_init__(self) -> None:
         if not (self.net.shape == self.magnitude.shape == self.n_active.shape == self.square.shape):
             raise ValueError("net, magnitude, n_active and square must have the same [P, C] shape")
         if (np.abs(self.net) > self.magnitude + 1e-9 * (1 + self.magnitude)).any():
             raise ValueError("|net| exceeds the summed magnitude: the sums were not accumulated together")
+        if self.groups is not None:
+            if self.groups.shape != (self.net.shape[0],):
+                raise ValueError(f"groups must hold one id per pattern ({self.net.shape[0]}), got {self.groups.shape}")
+            G = int(self.groups.max()) + 1 if len(self.groups) else 0
+            shape = (G, self.net.shape[1])
+            if self.group_net is None:
+                self.group_net, self.group_square = np.zeros(shape), np.zeros(shape)
+            if self.group_net.shape != shape or self.group_square is None or self.group_square.shape != shape:
+                raise ValueError(f"group sums must have shape {shape}")
 
     @classmethod
-    def zeros(cls, n_patterns: int, n_findings: int) -> "EvidenceSums":
+    def zeros(cls, n_patterns: int, n_findings: int, groups: np.ndarray | None = None) -> "EvidenceSums":
         z = np.zeros((n_patterns, n_findings))
-        return cls(z, z.copy(), np.zeros((n_patterns, n_findings), dtype=np.int64), z.copy())
+        g = None if groups is None else np.asarray(groups, dtype=np.int64)
+        return cls(z, z.copy(), np.zeros((n_patterns, n_findings), dtype=np.int64), z.copy(), groups=g)
 
     def add(self, contributions: np.ndarray) -> None:
         """Accumulate a batch of decompositions: contributions [B, P, C]."""
@@ -50,22 +65,60 @@ class EvidenceSums:
         self.n_active += (contributions != 0).sum(0)
         self.square += (contributions ** 2).sum(0)
         self.n_images += contributions.shape[0]
+        if self.groups is not None and len(self.group_net):
+            member = self.groups >= 0
+            per_image = np.zeros((contributions.shape[0], len(self.group_net), contributions.shape[2]))
+            np.add.at(per_image, (slice(None), self.groups[member]), contributions[:, member])  # [B, G, C]
+            self.group_net += per_image.sum(0)
+            self.group_square += (per_image ** 2).sum(0)
 
     def merge(self, other: "EvidenceSums") -> None:
         """Add sums accumulated over other images (another block of pages, another rank)."""
+        if (self.groups is None) != (other.groups is None) or (
+                self.groups is not None and not np.array_equal(self.groups, other.groups)):
+            raise ValueError("cannot merge evidence sums accumulated with different pattern groups")
         self.net += other.net
         self.magnitude += other.magnitude
         self.n_active += other.n_active
         self.square += other.square
         self.n_images += other.n_images
+        if self.groups is not None:
+            self.group_net += other.group_net
+            self.group_square += other.group_square
 
     def swing(self) -> np.ndarray:
         """[P, C] standard deviation over images of the pattern's term (logit units): how much the
         pattern moves the logit from one image to the next. A pattern that fires on every image with
         the same push acts as a bias and swings nothing; a shortcut that pushes only when its nuisance
         is present swings a lot."""
-        n = max(self.n_images, 1)
-        return np.sqrt(np.maximum(self.square / n - (self.net / n) ** 2, 0.0))
+        return _std(self.square, self.net, self.n_images)
+
+    def group_swing(self) -> np.ndarray:
+        """[G, C] standard deviation over images of each group's summed term. A nuisance the ensemble
+        splits over many patterns (an image-wide artifact often is) swings the logit through all of them
+        together; its members' single swings would each look small."""
+        if self.groups is None:
+            raise ValueError("these evidence sums were accumulated without pattern groups")
+        return _std(self.group_square, self.group_net, self.n_images)
+
+
+def _std(square: np.ndarray, total: np.ndarray, n_images: int) -> np.ndarray:
+    n = max(n_images, 1)
+    return np.sqrt(np.maximum(square / n - (total / n) ** 2, 0.0))
+
+
+def label_groups(labels: pd.DataFrame, n_patterns: int,
+                 categories: Sequence[str] = NUISANCE_CATEGORIES) -> tuple[np.ndarray, list[tuple[str, str]]]:
+    """Group the patterns of `categories` by their (normalised) label: ([P] group id or -1, and the
+    (label, category) of each group). `labels` is indexed by pattern_id with columns label and category."""
+    groups = np.full(n_patterns, -1, dtype=np.int64)
+    keys: dict[tuple[str, str], int] = {}
+    for pid, row in labels.iterrows():
+        if row["category"] not in categories or not isinstance(row["label"], str) or not 0 <= int(pid) < n_patterns:
+            continue
+        key = (" ".join(row["label"].lower().split()), row["category"])
+        groups[int(pid)] = keys.setdefault(key, len(keys))
+    return groups, list(keys)
 
 
 @dataclass
@@ -82,6 +135,10 @@ class FindingAudit:
     """Device/artifact patterns, largest swing first: pattern_id, label, category, swing (std over images
     of the pattern's term), mean (mean term), evidence (sum of |contribution|), share (evidence /
     total_evidence), n_active."""
+    groups: pd.DataFrame | None = None
+    """The same patterns grouped by label, largest group swing first: label, category, n_patterns,
+    pattern_ids, swing (std over images of the group's summed term), mean, evidence, share. None when
+    the sums were accumulated without groups."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.nuisance_share <= 1.0 + 1e-9:
@@ -89,8 +146,10 @@ class FindingAudit:
 
 
 def audit_finding(sums: EvidenceSums, c: int, labels: pd.DataFrame, finding: str,
-                  categories: Sequence[str] = NUISANCE_CATEGORIES) -> FindingAudit:
-    """Audit finding column c. `labels` is indexed by pattern_id with columns label and category.
+                  categories: Sequence[str] = NUISANCE_CATEGORIES,
+                  group_keys: Sequence[tuple[str, str]] | None = None) -> FindingAudit:
+    """Audit finding column c. `labels` is indexed by pattern_id with columns label and category;
+    `group_keys` names the (label, category) of each group of `sums` (from `label_groups`).
 
     Patterns are ranked by their swing, not by summed magnitudes: a marker present on every image
     with the same push shifts every logit alike (it is part of the baseline, it separates nothing),
@@ -106,9 +165,26 @@ def audit_finding(sums: EvidenceSums, c: int, labels: pd.DataFrame, finding: str
     nuis["share"] = nuis["evidence"] / total if total > 0 else 0.0
     nuis = nuis.iloc[np.argsort(-nuis["swing"].to_numpy(), kind="stable")]
     share = float(nuis["evidence"].sum() / total) if total > 0 else 0.0
+    grouped = None
+    if sums.groups is not None:
+        if group_keys is None or len(group_keys) != len(sums.group_net):
+            raise ValueError("group_keys must name every group of the evidence sums")
+        gs = sums.group_swing()[:, c]
+        rows = []
+        for g, (label, category) in enumerate(group_keys):
+            ids = np.flatnonzero(sums.groups == g)
+            evid = float(sums.magnitude[ids, c].sum())
+            if evid <= 0:
+                continue
+            rows.append({"label": label, "category": category, "n_patterns": len(ids), "pattern_ids": ids.tolist(),
+                         "swing": float(gs[g]), "mean": float(sums.group_net[g, c] / n), "evidence": evid,
+                         "share": evid / total if total > 0 else 0.0})
+        grouped = pd.DataFrame(rows, columns=["label", "category", "n_patterns", "pattern_ids", "swing", "mean",
+                                              "evidence", "share"])
+        grouped = grouped.iloc[np.argsort(-grouped["swing"].to_numpy(), kind="stable")].reset_index(drop=True)
     return FindingAudit(finding=finding, n_images=sums.n_images, total_evidence=total, nuisance_share=share,
                         patterns=nuis.reset_index()[["pattern_id", "label", "category", "swing", "mean", "evidence",
-                                                     "share", "n_active"]])
+                                                     "share", "n_active"]], groups=grouped)
 
 
 @dataclass
@@ -131,8 +207,10 @@ def label_table(run: RunDir) -> pd.DataFrame:
     return lab.set_index("pattern_id")
 
 
-def evidence_sums(run: RunDir, splits: Sequence[str], batch_size: int = 512) -> EvidenceSums:
-    """Full decompositions of every valid image of `splits`, summed per pattern and finding."""
+def evidence_sums(run: RunDir, splits: Sequence[str], batch_size: int = 512,
+                  groups: np.ndarray | None = None) -> EvidenceSums:
+    """Full decompositions of every valid image of `splits`, summed per pattern and finding (and per
+    pattern group, when `groups` [P] is given)."""
     from sae_cxr.attribution import Attributor
     from sae_cxr.classifier import load_head
     from sae_cxr.extract import EmbeddingStore
@@ -149,7 +227,7 @@ def evidence_sums(run: RunDir, splits: Sequence[str], batch_size: int = 512) -> 
     _, arrays = load_patterns(run)
     attr = Attributor(load_ensemble(run), load_head(run), arrays["latent_pattern"])
     x = store.features()
-    sums = EvidenceSums.zeros(attr.n_patterns, len(FINDINGS))
+    sums = EvidenceSums.zeros(attr.n_patterns, len(FINDINGS), groups=groups)
     for s in range(0, len(rows), batch_size):
         sums.add(attr.decompose(x[rows[s:s + batch_size]]).contributions)
     return sums
@@ -157,11 +235,14 @@ def evidence_sums(run: RunDir, splits: Sequence[str], batch_size: int = 512) -> 
 
 def audit_run(run: RunDir, splits: Sequence[str] = ("test",)) -> RunAudit:
     """The audit of every finding of a labelled run, over the images of `splits`."""
-    sums = evidence_sums(run, splits)
+    from sae_cxr.patterns import load_patterns
+
     labels = label_table(run)
+    groups, keys = label_groups(labels, len(load_patterns(run)[0]))
+    sums = evidence_sums(run, splits, groups=groups)
     out = RunAudit(splits=tuple(splits))
     for c, finding in enumerate(FINDINGS):
-        out.findings[finding] = audit_finding(sums, c, labels, finding)
+        out.findings[finding] = audit_finding(sums, c, labels, finding, group_keys=keys)
     return out
 
 
@@ -181,3 +262,14 @@ def shortcut_rank(audit: FindingAudit, truth_ids: np.ndarray) -> int | None:
     ids = audit.patterns["pattern_id"].to_numpy()
     where = np.flatnonzero(np.isin(ids, truth_ids))
     return int(where[0]) + 1 if len(where) else None
+
+
+def shortcut_group_rank(audit: FindingAudit, truth_ids: np.ndarray) -> int | None:
+    """1-based rank, among the finding's device/artifact label groups, of the group holding the most
+    true shortcut patterns (ties: the higher ranked); None when no group holds one."""
+    if audit.groups is None:
+        raise ValueError("this audit was computed without label groups")
+    hits = np.array([np.isin(ids, truth_ids).sum() for ids in audit.groups["pattern_ids"]], dtype=np.int64)
+    if not len(hits) or hits.max() == 0:
+        return None
+    return int(np.argmax(hits)) + 1

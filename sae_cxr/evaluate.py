@@ -205,7 +205,7 @@ def explanation_metrics(run: RunDir) -> dict[str, Any]:
 
 def shortcut_metrics(run: RunDir, cfg: EvalConfig, classifier: dict[str, Any]) -> dict[str, Any]:
     """The audit of every finding; on a phantom world with a planted shortcut, whether the audit finds it."""
-    from sae_cxr.audit import audit_run, shortcut_patterns, shortcut_rank
+    from sae_cxr.audit import audit_run, shortcut_group_rank, shortcut_patterns, shortcut_rank
     from sae_cxr.findings import Shortcut
     from sae_cxr.patterns import PATTERNS
 
@@ -213,7 +213,9 @@ def shortcut_metrics(run: RunDir, cfg: EvalConfig, classifier: dict[str, Any]) -
     out: dict[str, Any] = {"splits": list(cfg.audit_splits),
                            "nuisance_share": {a.finding: round(a.nuisance_share, 4) for a in audit.ranked()},
                            "top_nuisance_patterns": {
-                               a.finding: a.patterns.head(5).round(4).to_dict(orient="records") for a in audit.ranked()}}
+                               a.finding: a.patterns.head(5).round(4).to_dict(orient="records") for a in audit.ranked()},
+                           "top_nuisance_labels": {
+                               a.finding: a.groups.head(5).round(4).to_dict(orient="records") for a in audit.ranked()}}
     world = _world(run)
     if not world or not world.get("shortcut"):
         return out
@@ -222,6 +224,7 @@ def shortcut_metrics(run: RunDir, cfg: EvalConfig, classifier: dict[str, Any]) -
     truth = shortcut_patterns(table, sc.nuisance, cfg.shortcut_min_auroc)
     fa = audit.findings.get(sc.finding)
     rank = shortcut_rank(fa, truth) if fa is not None else None
+    group_rank = shortcut_group_rank(fa, truth) if fa is not None else None
     shift = {}
     if "test" in classifier and "test_shifted" in classifier:
         a0, a1 = classifier["test"][sc.finding]["auroc"], classifier["test_shifted"][sc.finding]["auroc"]
@@ -229,7 +232,8 @@ def shortcut_metrics(run: RunDir, cfg: EvalConfig, classifier: dict[str, Any]) -
                  "auroc_drop": a0 - a1 if a0 is not None and a1 is not None else None}
     reliance = shortcut_reliance(run, sc.nuisance, sc.finding)
     out["planted"] = {"shortcut": str(sc), "nuisance": sc.nuisance, "finding": sc.finding, "reliance": reliance,
-                      "truth_patterns": truth.tolist(), "rank": rank, "found": rank == 1,
+                      "truth_patterns": truth.tolist(), "pattern_rank": rank, "rank": group_rank,
+                      "found": group_rank == 1,
                       "finding_rank_by_nuisance_share": 1 + [a.finding for a in audit.ranked()].index(sc.finding)
                       if fa is not None else None, **shift}
     return out
@@ -294,9 +298,19 @@ def grade(m: dict[str, Any], cfg: EvalConfig) -> dict[str, dict[str, Any]]:
     if "with_baseline/pattern_gradcam" in loc and "with_baseline/logit_gradcam" in loc:
         # on the same boxes (findings with a logit baseline): the top pattern's own Grad-CAM against the
         # Grad-CAM of the finding's logit; the cheaper patch-token map is reported next to them, not graded
+        # Pointing hits are 0/1 on a few hundred boxes, so the check is a paired one: the pattern map fails
+        # when it is worse than the baseline beyond noise (the bootstrap interval of the paired difference
+        # lies below 0), not when a point estimate is a few boxes behind.
         pm, gc = loc["with_baseline/pattern_gradcam"]["pointing_game"], loc["with_baseline/logit_gradcam"]["pointing_game"]
-        check("pointing_pattern_vs_logit_gradcam", [round(pm, 4), round(gc, 4)], "pattern Grad-CAM >= logit Grad-CAM",
-              pm >= gc)
+        pair = loc.get("paired/pointing_pattern_minus_logit")
+        if pair:
+            check("pointing_pattern_vs_logit_gradcam",
+                  [round(pm, 4), round(gc, 4), [round(pair["ci_low"], 4), round(pair["ci_high"], 4)]],
+                  f"pattern Grad-CAM not worse than logit Grad-CAM (paired {pair['level']:.0%} CI of the "
+                  f"difference reaches 0)", pair["ci_high"] >= 0)
+        else:
+            check("pointing_pattern_vs_logit_gradcam", [round(pm, 4), round(gc, 4)],
+                  "pattern Grad-CAM >= logit Grad-CAM", pm >= gc)
     planted = m.get("shortcut", {}).get("planted")
     if planted:
         if cr:
@@ -304,7 +318,8 @@ def grade(m: dict[str, Any], cfg: EvalConfig) -> dict[str, dict[str, Any]]:
             check("shortcut_concept_recovered", got, ">= 0.9", got >= 0.9)
         used = planted.get("reliance") is None or abs(planted["reliance"]) >= cfg.shortcut_min_reliance
         if used:  # a shortcut the classifier does not use leaves nothing to find: reported, not graded
-            check("shortcut_found", planted["rank"], "rank 1 among device/artifact evidence", planted["found"])
+            check("shortcut_found", planted["rank"], "its label ranks 1st among device/artifact evidence",
+                  planted["found"])
     return g
 
 
@@ -448,9 +463,16 @@ def summary_markdown(m: dict[str, Any]) -> str:
         lines += ["", "## Localization against the boxes", "", "| boxes / method | n | pointing | IoBB>=0.25 | pixel AUPRC |",
                   "|---|---|---|---|---|"]
         for key, v in loc.items():
+            if "pointing_game" not in v:
+                continue
             auprc = v.get("pixel_auprc")
             lines.append(f"| {key} | {v['n']} | {v['pointing_game']:.3f} | {v['iobb_hit@0.25']:.3f} | "
                          f"{'' if auprc is None else f'{auprc:.3f}'} |")
+        pair = loc.get("paired/pointing_pattern_minus_logit")
+        if pair:
+            lines += ["", f"Paired on the same {pair['n']} boxes, pattern Grad-CAM minus logit Grad-CAM pointing: "
+                          f"{pair['difference']:+.3f} ({pair['level']:.0%} bootstrap CI {pair['ci_low']:+.3f} to "
+                          f"{pair['ci_high']:+.3f})."]
     att = m.get("attribution")
     if att:
         ppp = att.get("patterns_per_prediction") or {}
@@ -464,8 +486,10 @@ def summary_markdown(m: dict[str, Any]) -> str:
     if sc.get("planted"):
         p = sc["planted"]
         lines += ["", "## Shortcut audit", "",
-                  f"Planted `{p['shortcut']}`: truth patterns {p['truth_patterns']}; rank among device/artifact "
-                  f"evidence for {p['finding']}: {p['rank']} ({'found' if p['found'] else 'not found'}); "
+                  f"Planted `{p['shortcut']}`: truth patterns {p['truth_patterns']}; among the device/artifact "
+                  f"evidence for {p['finding']}, the label holding them ranks {p['rank']} "
+                  f"({'found' if p['found'] else 'not found'}) and its best single pattern ranks "
+                  f"{p.get('pattern_rank')}; "
                   f"the classifier's reliance on it: {_num(p.get('reliance'))} logit on test_shifted; "
                   f"AUROC test {_num(p.get('auroc_test'))} -> test_shifted {_num(p.get('auroc_test_shifted'))}."]
     if sc.get("nuisance_share"):

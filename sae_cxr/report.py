@@ -300,6 +300,12 @@ class _Context:
         self.device = self.category == "device"
         self.artifact = self.category == "artifact"
         self.nuisance = np.isin(self.category, list(NUISANCE_CATEGORIES))
+        from sae_cxr.audit import label_groups
+
+        named_rows = [{"pattern_id": p, "label": lab.label, "category": lab.category}
+                      for p, lab in self.labels.items() if not lab.unresolved]
+        self.label_groups, self.label_group_keys = label_groups(
+            pd.DataFrame(named_rows, columns=["pattern_id", "label", "category"]).set_index("pattern_id"), self.P)
         explain_cfg = (run.config("explain") or {}).get("compose") or {}
         from sae_cxr.config import from_dict
 
@@ -913,11 +919,11 @@ class _Audit:
     """Shortcut-audit sums over the full decompositions of every reported image: the per-pattern sums
     of `sae_cxr.audit` (category shares are derived from them), plus the positive-call support."""
 
-    def __init__(self, P: int):
+    def __init__(self, P: int, groups: np.ndarray | None = None):
         from sae_cxr.audit import EvidenceSums
 
         C = len(FINDINGS)
-        self.sums = EvidenceSums.zeros(P, C)
+        self.sums = EvidenceSums.zeros(P, C, groups=groups)
         self.pos_support = np.zeros(C)
         self.pos_support_nuisance = np.zeros(C)
         self.n_pos = np.zeros(C, dtype=np.int64)
@@ -941,7 +947,7 @@ class _Audit:
         returned as it is; with several, sums equal one process's up to float rounding (order of addition)."""
         if len(parts) == 1:
             return parts[0]
-        out = cls(P)
+        out = cls(P, parts[0].sums.groups)
         for part in parts:
             out.sums.merge(part.sums)
             for k in ("pos_support", "pos_support_nuisance", "n_pos", "carried"):
@@ -966,6 +972,18 @@ class _Audit:
                     top = {"pattern_id": k, "label": None if lab is None else lab.label,
                            "category": None if lab is None else lab.category,
                            "share": float(mag[k, c] / tot) if tot > 0 else 0.0}
+            top_label = None
+            if self.sums.groups is not None and len(self.sums.group_net):
+                # the label whose patterns together move this logit most from image to image
+                evid = np.bincount(self.sums.groups[self.sums.groups >= 0],
+                                   weights=mag[self.sums.groups >= 0, c], minlength=len(self.sums.group_net))
+                swing = np.where(evid > 0, self.sums.group_swing()[:, c], -1.0)
+                g = int(np.argmax(swing))
+                if swing[g] >= 0:
+                    label, category = ctx.label_group_keys[g]
+                    top_label = {"label": label, "category": category,
+                                 "patterns": int((self.sums.groups == g).sum()), "swing": float(swing[g]),
+                                 "share": float(evid[g] / tot) if tot > 0 else 0.0}
             out.append({
                 "finding": f,
                 "device_share": share(ctx.device, c, tot),
@@ -977,8 +995,18 @@ class _Audit:
                 "predictions_with_shortcut": int(self.carried[c]),
                 "images": int(self.sums.n_images),
                 "top_nuisance_pattern": top,
+                "top_nuisance_label": top_label,
             })
         return out
+
+
+def _top_label_cell(row: dict[str, Any]) -> str:
+    """A nuisance split over several patterns (image-wide artifacts often are) is seen whole in its label."""
+    t = row.get("top_nuisance_label")
+    if not t:
+        return "–"
+    return (f'{_esc(t["label"])} {_cat_chip(t["category"])} <span class="meta">{t["patterns"]} pattern'
+            f'{"s" if t["patterns"] != 1 else ""}, swing {t["swing"]:.3f} logit</span>')
 
 
 def _top_patterns(ctx: _Context, limit: int, max_rank: int) -> list[dict[str, Any]]:
@@ -1147,7 +1175,8 @@ def _index_html(ctx: _Context, info: dict[str, Any], metrics: dict[str, Any], au
                  'see device or artifact patterns. Run `sae-cxr label` and rebuild the report.</p>')
     o.append('<table><tr><th>finding</th><th class="n">device</th><th class="n">artifact</th>'
              '<th class="n">support in positive calls</th><th class="n">positive calls</th>'
-             '<th class="n">shortcut predictions</th><th class="n">unnamed</th><th>strongest nuisance pattern</th></tr>')
+             '<th class="n">shortcut predictions</th><th class="n">unnamed</th><th>strongest nuisance pattern</th>'
+             '<th>strongest nuisance label (patterns, swing)</th></tr>')
     for r in audit:
         t = r["top_nuisance_pattern"]
         sup = r["nuisance_share_of_support_in_positive_calls"]
@@ -1165,7 +1194,7 @@ def _index_html(ctx: _Context, info: dict[str, Any], metrics: dict[str, Any], au
                  f'<td class="n">{r["artifact_share"]:.1%}</td>'
                  f'<td class="n{" warn" if hot else ""}">{"–" if sup is None else f"{sup:.1%}"}{" ⚠" if hot else ""}</td>'
                  f'<td class="n">{r["positive_calls"]}</td><td class="n">{r["predictions_with_shortcut"]}</td>'
-                 f'<td class="n">{r["unnamed_share"]:.1%}</td><td>{tp}</td></tr>')
+                 f'<td class="n">{r["unnamed_share"]:.1%}</td><td>{tp}</td><td>{_top_label_cell(r)}</td></tr>')
     o.append("</table>")
     o.append(f'<div class="plot">{_audit_figure(audit)}</div>')
     # top patterns
@@ -1434,7 +1463,7 @@ class _PageBuilder:
         manifest_sha, built_at = self.manifest_sha, self.built_at
         cfg, sel = ctx.cfg, ctx.sel
         n, per, n_pages = len(sel.ids), cfg.per_page, len(page_files)
-        audit = _Audit(ctx.P)
+        audit = _Audit(ctx.P, ctx.label_groups)
         pages_meta: list[dict[str, Any]] = []
         idx_w = _csv.writer(idx_f)
         worst_logit = 0.0

@@ -2,7 +2,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sae_cxr.audit import EvidenceSums, audit_finding, shortcut_patterns, shortcut_rank
+from sae_cxr.audit import (EvidenceSums, audit_finding, label_groups, shortcut_group_rank, shortcut_patterns,
+                           shortcut_rank)
 
 
 def test_swing_ranks_a_shortcut_above_a_constant_marker():
@@ -46,3 +47,45 @@ def test_shortcut_patterns_need_the_nuisance_as_best_concept():
     assert shortcut_patterns(t, "pacemaker").tolist() == [0]
     with pytest.raises(ValueError, match="no ground truth"):
         shortcut_patterns(t, "burned_in_text")
+
+
+def test_a_nuisance_split_over_patterns_is_ranked_by_its_label_group():
+    # four images, one finding. Patterns 0 and 1 ("low exposure") each push +2 on images 0 and 2:
+    # single swings 1, but their joint term [4, 0, 4, 0] swings 2. Pattern 2 ("pacemaker") pushes +3 on
+    # the same images: swing 1.5, first by single patterns, second by label. Pattern 3 is cardiac.
+    c = np.zeros((4, 4, 1))
+    c[[0, 2], 0, 0] = 2.0
+    c[[0, 2], 1, 0] = 2.0
+    c[[0, 2], 2, 0] = 3.0
+    c[:, 3, 0] = 1.0
+    labels = pd.DataFrame({"label": ["low exposure", "Low  Exposure", "pacemaker", "enlarged heart"],
+                           "category": ["artifact", "artifact", "device", "cardiac"]},
+                          index=pd.Index([0, 1, 2, 3], name="pattern_id"))
+    groups, keys = label_groups(labels, 4)
+    assert groups.tolist() == [0, 0, 1, -1] and keys == [("low exposure", "artifact"), ("pacemaker", "device")]
+    whole = EvidenceSums.zeros(4, 1, groups=groups)
+    whole.add(c)
+    parts = [EvidenceSums.zeros(4, 1, groups=groups) for _ in range(2)]
+    parts[0].add(c[:1])
+    parts[1].add(c[1:])
+    parts[0].merge(parts[1])
+    for sums in (whole, parts[0]):
+        assert sums.group_swing()[:, 0] == pytest.approx([2.0, 1.5])
+        a = audit_finding(sums, 0, labels, "Edema", group_keys=keys)
+        assert list(a.patterns["pattern_id"]) == [2, 0, 1]  # by single swing
+        assert list(a.groups["label"]) == ["low exposure", "pacemaker"]
+        assert a.groups["n_patterns"].tolist() == [2, 1] and a.groups["pattern_ids"][0] == [0, 1]
+        assert a.groups["mean"].tolist() == pytest.approx([2.0, 1.5])
+        assert a.groups["share"].tolist() == pytest.approx([8 / 18, 6 / 18])  # total |evidence| 4 + 4 + 6 + 4
+        assert shortcut_rank(a, np.array([0, 1])) == 2
+        assert shortcut_group_rank(a, np.array([0, 1])) == 1
+        assert shortcut_group_rank(a, np.array([2])) == 2
+        assert shortcut_group_rank(a, np.array([3])) is None  # cardiac: not in any nuisance group
+
+
+def test_evidence_sums_refuse_to_merge_different_groupings():
+    a = EvidenceSums.zeros(2, 1, groups=np.array([0, -1]))
+    with pytest.raises(ValueError, match="different pattern groups"):
+        a.merge(EvidenceSums.zeros(2, 1))
+    with pytest.raises(ValueError, match="without pattern groups"):
+        EvidenceSums.zeros(2, 1).group_swing()

@@ -1,6 +1,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from sae_cxr.evaluate import METRICS, PLOTS, SUMMARY_MD, EvalConfig, evaluate, grade
 
@@ -23,6 +24,31 @@ def test_grade_checks_each_target_on_worked_numbers():
                        "deletion_vs_random": False, "pointing_pattern_vs_logit_gradcam": True,
                        "shortcut_concept_recovered": True, "shortcut_found": False}
     assert g["concept_recovery"]["value"] == round(17 / 18, 4)
+
+
+def test_pointing_grade_uses_the_paired_interval_when_there_is_one():
+    loc = {"with_baseline/pattern_gradcam": {"pointing_game": 0.29}, "with_baseline/logit_gradcam": {"pointing_game": 0.32}}
+    within_noise = {**loc, "paired/pointing_pattern_minus_logit": {"ci_low": -0.08, "ci_high": 0.02, "level": 0.95}}
+    worse = {**loc, "paired/pointing_pattern_minus_logit": {"ci_low": -0.08, "ci_high": -0.01, "level": 0.95}}
+    for loc_, expect in ((loc, False), (within_noise, True), (worse, False)):
+        g = grade({"attribution": {"localization": loc_}}, EvalConfig())["pointing_pattern_vs_logit_gradcam"]
+        assert g["pass"] is expect, (loc_, g)
+
+
+def test_paired_difference_on_worked_hits():
+    from sae_cxr.localization import paired_difference
+
+    # 4 boxes: pattern hits 1,1,0,0; logit hits 1,0,0,1 -> differences 0, +1, 0, -1, mean 0
+    hits = np.array([[1, 1], [1, 0], [0, 0], [0, 1]], dtype=float)
+    d = paired_difference(hits, np.random.default_rng(0))
+    assert (d["n"], d["first"], d["second"], d["difference"]) == (4, 0.5, 0.5, 0.0)
+    assert -1.0 <= d["ci_low"] <= 0.0 <= d["ci_high"] <= 1.0
+    # a map that hits every box the other misses, on 200 boxes: the interval excludes 0
+    many = np.tile([[1, 0], [1, 1]], (100, 1)).astype(float)
+    d = paired_difference(many, np.random.default_rng(0))
+    assert d["difference"] == 0.5 and d["ci_low"] > 0.35 and d["ci_high"] < 0.65
+    with pytest.raises(ValueError, match="paired hits"):
+        paired_difference(np.zeros((3, 3)), np.random.default_rng(0))
 
 
 def test_grade_leaves_out_what_a_run_does_not_have():

@@ -266,6 +266,24 @@ def test_report_html_opens_offline_with_a_section_per_image(folder_run):
     manifest_sha = summary["run"]["manifest_sha256"]
     assert re.fullmatch(r"[0-9a-f]{64}", manifest_sha) and manifest_sha in index
     assert {r["finding"] for r in summary["shortcut_audit"]} == set(FINDINGS)
+    # the report's per-label audit is sae_cxr.audit's, when the report covers the audit's images
+    from sae_cxr.audit import audit_run
+
+    audit = audit_run(run, ("test",))
+    compared = 0
+    for r in summary["shortcut_audit"]:
+        fa = audit.findings[r["finding"]]
+        if r["images"] != fa.n_images:
+            continue
+        t = r["top_nuisance_label"]
+        compared += t is not None
+        if fa.groups is None or fa.groups.empty:
+            assert t is None
+        else:
+            top = fa.groups.iloc[0]
+            assert (t["label"], t["category"], t["patterns"]) == (top["label"], top["category"], top["n_patterns"])
+            assert t["swing"] == pytest.approx(top["swing"], rel=1e-6, abs=1e-9)
+    assert compared >= 1  # the fixture's world has device/artifact labels on the test split
 
 
 def test_report_tables_and_json_agree_with_the_attribution(folder_run):
