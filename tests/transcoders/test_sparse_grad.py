@@ -155,10 +155,12 @@ def test_workspace_sinks_give_autograd_gradients():
 
 @needs_native
 @pytest.mark.parametrize("matryoshka", [None, (16, 40)])
-def test_fused_decode_loss_matches_autograd(matryoshka):
+@pytest.mark.parametrize("d_out", [20, 276])
+def test_fused_decode_loss_matches_autograd(matryoshka, d_out):
     """The fused decoder+loss (gradients computed in the forward) == autograd of the torch path,
-    including per-member loss weights != 1 downstream and the skip path."""
-    model = small_model(k=(3, 4, 5, 6), skip=True, matryoshka=matryoshka)
+    including per-member loss weights != 1 downstream and the skip path. d_out = 276 covers the
+    kernel's 128-column register blocks and a tail."""
+    model = small_model(k=(3, 4, 5, 6), d_out=d_out, skip=True, matryoshka=matryoshka)
     L = model.cfg.n_levels()
     x, h = torch.randn(27, model.cfg.d_in), torch.randn(27, model.cfg.d_out)
     weights = torch.rand(L, model.n_members) + 0.1
