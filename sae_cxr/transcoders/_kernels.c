@@ -761,27 +761,87 @@ void dec_fused(const float* v, const i64* idx, i64 B, i64 E, i64 S, const float*
 
 /* gWenc[e, idx] += gv * x[b] and gbenc[e, idx] += gv for every slot with idx >= 0 and v > 0
  * (the gradient through relu / the TopK or JumpReLU gate: only active latents).
- * overwrite_w / _b: zero each member's gW / gb block first. */
+ * Per member the active slots are grouped by latent (samples in order, so the sums run in the same
+ * order as a per-sample scatter); each gradient row is then built in registers, 128 columns at a
+ * time, while the x rows of its samples stream past: one load per FMA and one store per row
+ * instead of a read-modify-write per slot. overwrite_w / _b: zero each member's gW / gb block first. */
 void enc_bwd(const float* gv, const float* v, const i64* idx, i64 B, i64 E, i64 S,
              const float* x, i64 din, i64 m, float* gW, float* gb, int overwrite_w, int overwrite_b, int nthreads) {
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
-    for (i64 e = 0; e < E; e++) {
-        float* gWe = gW ? gW + e * m * din : NULL;
-        float* gbe = gb ? gb + e * m : NULL;
-        if (overwrite_w && gWe) memset(gWe, 0, (size_t)(m * din) * sizeof(float));
-        if (overwrite_b && gbe) memset(gbe, 0, (size_t)m * sizeof(float));
-        for (i64 b = 0; b < B; b++) {
-            const float* xb = x + b * din;
-            const float* vs = v + (b * E + e) * S;
-            const float* gs = gv + (b * E + e) * S;
-            const i64* is = idx + (b * E + e) * S;
-            for (i64 s = 0; s < S; s++) {
-                i64 j = is[s];
-                if (j < 0 || !(vs[s] > 0.0f) || gs[s] == 0.0f) continue;
-                if (gWe) axpyf(gs[s], xb, gWe + j * din, din);
-                if (gbe) gbe[j] += gs[s];
+#pragma omp parallel num_threads(nthreads)
+    {
+        i64* cnt = (i64*)malloc((size_t)(2 * m + 2) * sizeof(i64));
+        i64* fill = cnt + m + 1;
+        i64* ent_b = (i64*)malloc((size_t)(B * S + 1) * sizeof(i64));
+        float* ent_g = (float*)malloc((size_t)(B * S + 1) * sizeof(float));
+#ifdef SAE_AVX512
+        const i64 dfull = din - din % 128;
+#else
+        const i64 dfull = 0;
+#endif
+#pragma omp for schedule(dynamic, 1)
+        for (i64 e = 0; e < E; e++) {
+            float* gWe = gW ? gW + e * m * din : NULL;
+            float* gbe = gb ? gb + e * m : NULL;
+            if (overwrite_w && gWe) memset(gWe, 0, (size_t)(m * din) * sizeof(float));
+            if (overwrite_b && gbe) memset(gbe, 0, (size_t)m * sizeof(float));
+            memset(cnt, 0, (size_t)(m + 1) * sizeof(i64));
+            for (i64 b = 0; b < B; b++) {
+                const float* vs = v + (b * E + e) * S;
+                const float* gs = gv + (b * E + e) * S;
+                const i64* is = idx + (b * E + e) * S;
+                for (i64 s = 0; s < S; s++)
+                    if (is[s] >= 0 && vs[s] > 0.0f && gs[s] != 0.0f) cnt[is[s] + 1]++;
+            }
+            for (i64 j = 0; j < m; j++) { cnt[j + 1] += cnt[j]; fill[j] = cnt[j]; }
+            for (i64 b = 0; b < B; b++) {
+                const float* vs = v + (b * E + e) * S;
+                const float* gs = gv + (b * E + e) * S;
+                const i64* is = idx + (b * E + e) * S;
+                for (i64 s = 0; s < S; s++)
+                    if (is[s] >= 0 && vs[s] > 0.0f && gs[s] != 0.0f) {
+                        i64 p = fill[is[s]]++;
+                        ent_b[p] = b; ent_g[p] = gs[s];
+                    }
+            }
+            for (i64 j = 0; j < m; j++) {
+                const i64 c0 = cnt[j], c1 = cnt[j + 1];
+                if (c0 == c1) continue;
+                if (gbe) {
+                    float a = gbe[j];
+                    for (i64 t = c0; t < c1; t++) a += ent_g[t];
+                    gbe[j] = a;
+                }
+                if (!gWe) continue;
+                float* gr = gWe + j * din;
+#ifdef SAE_AVX512
+                for (i64 i0 = 0; i0 < dfull; i0 += 128) {
+                    __m512 a0 = _mm512_loadu_ps(gr + i0), a1 = _mm512_loadu_ps(gr + i0 + 16),
+                           a2 = _mm512_loadu_ps(gr + i0 + 32), a3 = _mm512_loadu_ps(gr + i0 + 48),
+                           a4 = _mm512_loadu_ps(gr + i0 + 64), a5 = _mm512_loadu_ps(gr + i0 + 80),
+                           a6 = _mm512_loadu_ps(gr + i0 + 96), a7 = _mm512_loadu_ps(gr + i0 + 112);
+                    for (i64 t = c0; t < c1; t++) {
+                        const float* xb = x + ent_b[t] * din + i0;
+                        const __m512 g = _mm512_set1_ps(ent_g[t]);
+                        a0 = _mm512_fmadd_ps(g, _mm512_loadu_ps(xb), a0);
+                        a1 = _mm512_fmadd_ps(g, _mm512_loadu_ps(xb + 16), a1);
+                        a2 = _mm512_fmadd_ps(g, _mm512_loadu_ps(xb + 32), a2);
+                        a3 = _mm512_fmadd_ps(g, _mm512_loadu_ps(xb + 48), a3);
+                        a4 = _mm512_fmadd_ps(g, _mm512_loadu_ps(xb + 64), a4);
+                        a5 = _mm512_fmadd_ps(g, _mm512_loadu_ps(xb + 80), a5);
+                        a6 = _mm512_fmadd_ps(g, _mm512_loadu_ps(xb + 96), a6);
+                        a7 = _mm512_fmadd_ps(g, _mm512_loadu_ps(xb + 112), a7);
+                    }
+                    _mm512_storeu_ps(gr + i0, a0); _mm512_storeu_ps(gr + i0 + 16, a1);
+                    _mm512_storeu_ps(gr + i0 + 32, a2); _mm512_storeu_ps(gr + i0 + 48, a3);
+                    _mm512_storeu_ps(gr + i0 + 64, a4); _mm512_storeu_ps(gr + i0 + 80, a5);
+                    _mm512_storeu_ps(gr + i0 + 96, a6); _mm512_storeu_ps(gr + i0 + 112, a7);
+                }
+#endif
+                if (dfull < din)
+                    for (i64 t = c0; t < c1; t++) axpyf(ent_g[t], x + ent_b[t] * din + dfull, gr + dfull, din - dfull);
             }
         }
+        free(cnt); free(ent_b); free(ent_g);
     }
 }
 
