@@ -465,12 +465,185 @@ void dec_bwd(const float* v, const i64* idx, i64 B, i64 E, i64 S, const float* W
     }
 }
 
+/* Slots of one (sample, member) with idx >= 0 in level order (stable counting sort): latent oj[t],
+ * value ov[t], original slot os[t]; level l owns t in [start[l], start[l+1]). Returns the count. */
+static i64 level_order(const i64* is, const float* vs, i64 S, const int32_t* level, i64 L,
+                       i64* oj, float* ov, i64* os, i64* start, i64* pos) {
+    for (i64 l = 0; l <= L; l++) start[l] = 0;
+    for (i64 s = 0; s < S; s++)
+        if (is[s] >= 0) start[(level ? level[is[s]] : 0) + 1]++;
+    for (i64 l = 0; l < L; l++) { start[l + 1] += start[l]; pos[l] = start[l]; }
+    for (i64 s = 0; s < S; s++) {
+        i64 j = is[s];
+        if (j < 0) continue;
+        i64 p = pos[level ? level[j] : 0]++;
+        oj[p] = j; ov[p] = vs[s]; os[p] = s;
+    }
+    return start[L];
+}
+
+#ifdef SAE_AVX512
+#define R8(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7)
+/* Forward of columns [i0, i0 + 128) of one (sample, member), everything that is per column fused:
+ * eight registers start at bias + base - target and run through the slots in level order; after
+ * each level they are that prefix's residual acc[l] (stored, squared into ssev[l]), so every
+ * prefix costs one load per FMA and no extra pass. Then, still in cache: G_l = sum_{p >= l} c[p] acc[p]
+ * into G (the loss gradient), rsum += acc[L-1], gbias += G_0, gbase = G_0. */
+static inline void fwd_block128(float* restrict acc, i64 d, i64 i0, const float* bias, const float* base,
+                                const float* target, const float* restrict We, const i64* oj, const float* ov,
+                                const i64* start, i64 L, float* restrict ssev, const float* c, float* restrict G,
+                                double* rsum, float* gbias, float* gbase) {
+#define LD(q) __m512 r##q = bias ? _mm512_loadu_ps(bias + i0 + 16 * q) : _mm512_setzero_ps();
+    R8(LD)
+#undef LD
+    if (base) {
+#define AB(q) r##q = _mm512_add_ps(r##q, _mm512_loadu_ps(base + i0 + 16 * q));
+        R8(AB)
+#undef AB
+    }
+    if (target) {
+#define SB(q) r##q = _mm512_sub_ps(r##q, _mm512_loadu_ps(target + i0 + 16 * q));
+        R8(SB)
+#undef SB
+    }
+    for (i64 l = 0; l < L; l++) {
+        for (i64 t = start[l]; t < start[l + 1]; t++) {
+            if (ov[t] == 0.0f) continue;
+            const float* w = We + oj[t] * d + i0;
+            __m512 a = _mm512_set1_ps(ov[t]);
+#define FM(q) r##q = _mm512_fmadd_ps(a, _mm512_loadu_ps(w + 16 * q), r##q);
+            R8(FM)
+#undef FM
+        }
+        float* o = acc + l * d + i0;
+#define ST(q) _mm512_storeu_ps(o + 16 * q, r##q);
+        R8(ST)
+#undef ST
+        __m512 s0 = _mm512_mul_ps(r0, r0), s1 = _mm512_mul_ps(r1, r1);
+        s0 = _mm512_fmadd_ps(r2, r2, s0); s1 = _mm512_fmadd_ps(r3, r3, s1);
+        s0 = _mm512_fmadd_ps(r4, r4, s0); s1 = _mm512_fmadd_ps(r5, r5, s1);
+        s0 = _mm512_fmadd_ps(r6, r6, s0); s1 = _mm512_fmadd_ps(r7, r7, s1);
+        _mm512_storeu_ps(ssev + 16 * l, _mm512_add_ps(_mm512_loadu_ps(ssev + 16 * l), _mm512_add_ps(s0, s1)));
+    }
+    if (rsum) {
+#define RS(q) _mm512_storeu_pd(rsum + i0 + 16 * q, _mm512_add_pd(_mm512_loadu_pd(rsum + i0 + 16 * q), \
+                  _mm512_cvtps_pd(_mm512_castps512_ps256(r##q)))); \
+              _mm512_storeu_pd(rsum + i0 + 16 * q + 8, _mm512_add_pd(_mm512_loadu_pd(rsum + i0 + 16 * q + 8), \
+                  _mm512_cvtps_pd(_mm512_extractf32x8_ps(r##q, 1))));
+        R8(RS)
+#undef RS
+    }
+    /* G_{L-1} = c[L-1] acc[L-1] (in registers), then downwards with the stored snapshots */
+    {
+        __m512 cc = _mm512_set1_ps(c[L - 1]);
+#define G0(q) r##q = _mm512_mul_ps(cc, r##q); _mm512_storeu_ps(G + (L - 1) * d + i0 + 16 * q, r##q);
+        R8(G0)
+#undef G0
+    }
+    for (i64 l = L - 2; l >= 0; l--) {
+        __m512 cc = _mm512_set1_ps(c[l]);
+        const float* al = acc + l * d + i0;
+#define GL(q) r##q = _mm512_fmadd_ps(cc, _mm512_loadu_ps(al + 16 * q), r##q); _mm512_storeu_ps(G + l * d + i0 + 16 * q, r##q);
+        R8(GL)
+#undef GL
+    }
+    if (gbias) {
+#define GB(q) _mm512_storeu_ps(gbias + i0 + 16 * q, _mm512_add_ps(_mm512_loadu_ps(gbias + i0 + 16 * q), r##q));
+        R8(GB)
+#undef GB
+    }
+    if (gbase) {
+#define GS(q) _mm512_storeu_ps(gbase + i0 + 16 * q, r##q);
+        R8(GS)
+#undef GS
+    }
+}
+
+/* Backward of columns [i0, i0 + 128) for ONE latent j over its entries t in [c0, c1) of a tile
+ * (sample ent_b[t], value ent_v[t]): the decoder row's block and its gradient's block stay in
+ * registers while the entries' G rows stream past (one load per two FMAs); each entry's partial
+ * dot <W[j], G> is added to gvl[t - c0] (16 lanes, reduced by the caller). */
+static inline void bwdT_block128(const float* restrict wj, float* gwj, i64 i0, const float* restrict Gt, i64 rowstride,
+                                 const i64* ent_b, const float* ent_v, i64 c0, i64 c1, float* restrict gvl) {
+#define LW(q) const __m512 w##q = _mm512_loadu_ps(wj + i0 + 16 * q);
+    R8(LW)
+#undef LW
+#define LA(q) __m512 a##q = gwj ? _mm512_loadu_ps(gwj + i0 + 16 * q) : _mm512_setzero_ps();
+    R8(LA)
+#undef LA
+    for (i64 t = c0; t < c1; t++) {
+        const float* gb = Gt + ent_b[t] * rowstride + i0;
+#define LG(q) const __m512 g##q = _mm512_loadu_ps(gb + 16 * q);
+        R8(LG)
+#undef LG
+        __m512 p0 = _mm512_mul_ps(w0, g0), p1 = _mm512_mul_ps(w1, g1);
+        p0 = _mm512_fmadd_ps(w2, g2, p0); p1 = _mm512_fmadd_ps(w3, g3, p1);
+        p0 = _mm512_fmadd_ps(w4, g4, p0); p1 = _mm512_fmadd_ps(w5, g5, p1);
+        p0 = _mm512_fmadd_ps(w6, g6, p0); p1 = _mm512_fmadd_ps(w7, g7, p1);
+        float* gp = gvl + 16 * (t - c0);
+        _mm512_storeu_ps(gp, _mm512_add_ps(_mm512_loadu_ps(gp), _mm512_add_ps(p0, p1)));
+        if (ent_v[t] != 0.0f) {
+            const __m512 va = _mm512_set1_ps(ent_v[t]);
+#define AC(q) a##q = _mm512_fmadd_ps(va, g##q, a##q);
+            R8(AC)
+#undef AC
+        }
+    }
+    if (gwj) {
+#define SA(q) _mm512_storeu_ps(gwj + i0 + 16 * q, a##q);
+        R8(SA)
+#undef SA
+    }
+}
+#undef R8
+#endif
+
+/* Columns [i0, d) that no full 128-block covers (any width; also the path without AVX-512):
+ * the same work as fwd_block128, one pass per step. */
+static void fwd_tail(float* restrict acc, i64 d, i64 i0, const float* bias, const float* base, const float* target,
+                     const float* restrict We, const i64* oj, const float* ov, const i64* start, i64 L,
+                     float* restrict sstail, const float* c, float* restrict G, double* rsum, float* gbias,
+                     float* gbase) {
+    if (i0 >= d) return;
+    const i64 n = d - i0;
+    float* a0 = acc + i0;
+    if (bias) memcpy(a0, bias + i0, (size_t)n * sizeof(float));
+    else memset(a0, 0, (size_t)n * sizeof(float));
+    if (base) axpyf(1.0f, base + i0, a0, n);
+    if (target) axpyf(-1.0f, target + i0, a0, n);
+    for (i64 l = 0; l < L; l++) {
+        float* al = acc + l * d + i0;
+        if (l > 0) memcpy(al, acc + (l - 1) * d + i0, (size_t)n * sizeof(float));
+        for (i64 t = start[l]; t < start[l + 1]; t++)
+            if (ov[t] != 0.0f) axpyf(ov[t], We + oj[t] * d + i0, al, n);
+        sstail[l] += dotf(al, al, n);
+    }
+    if (rsum)
+        for (i64 i = 0; i < n; i++) rsum[i0 + i] += (double)acc[(L - 1) * d + i0 + i];
+    for (i64 l = L - 1; l >= 0; l--) {
+        const float* al = acc + l * d + i0;
+        float* Gl = G + l * d + i0;
+        if (l == L - 1) {
+            for (i64 i = 0; i < n; i++) Gl[i] = c[l] * al[i];
+        } else {
+            const float* Gn = G + (l + 1) * d + i0;
+            for (i64 i = 0; i < n; i++) Gl[i] = Gn[i] + c[l] * al[i];
+        }
+    }
+    if (gbias) axpyf(1.0f, G + i0, gbias + i0, n);
+    if (gbase) memcpy(gbase + i0, G + i0, (size_t)n * sizeof(float));
+}
+
 /* Decoder forward, squared-error loss and its backward in ONE pass per (member, sample).
  * The loss is fixed: loss[e] = sum_l wsse[l, e] * sse[l, e] with out[l] = bias + base - target +
  * sum_{level <= l} v W[e, idx] (the residual of prefix l). Its gradient is therefore known during
  * the forward: G_l = sum_{p >= l} 2 wsse[p, e] out[p]. Computing it here avoids writing the
  * [L, B, E, d] residual and reading it back, and the decoder rows the forward just gathered are
  * still in L1/L2 for the value-gradient dots.
+ * The slots are visited in level order (Matryoshka prefixes), so the forward keeps a 128-column
+ * block of the running reconstruction in registers and every prefix is a snapshot of it, and the
+ * backward keeps G_l's block in registers for all slots of level l: one load per FMA, except the
+ * read-modify-write of the decoder-gradient rows.
  * Outputs: sse [L, E] and rsum [E, d] (accumulated, double), out (optional), gv [B, E, S],
  * gW [E, m, d] (+=, optional), gbias [E, d] (+=, optional), gbase [B, E, d] (=, optional).
  * ow_w / ow_b: zero the member's gW / gbias block first. */
@@ -478,76 +651,109 @@ void dec_fused(const float* v, const i64* idx, i64 B, i64 E, i64 S, const float*
                const int32_t* level, i64 L, const float* bias, const float* base, const float* target,
                const float* wsse, float* out, double* sse, double* rsum,
                float* gv, float* gW, float* gbias, float* gbase, int ow_w, int ow_b, int nthreads) {
+    /* a tile's G rows ([Tb, L, d], ~256 KB) stay in L2 next to the member's W and gW */
+    i64 Tb = 65536 / (L * d > 0 ? L * d : 1);
+    Tb = Tb < 1 ? 1 : (Tb > B ? B : Tb);
+    const i64 TS = Tb * (S > 0 ? S : 1);
 #pragma omp parallel num_threads(nthreads)
     {
         float* acc = (float*)malloc((size_t)(L * d) * sizeof(float));
-        float* G = (float*)malloc((size_t)(L * d) * sizeof(float));
+        float* Gt = (float*)malloc((size_t)(Tb * L * d) * sizeof(float));
+        i64* oj = (i64*)malloc((size_t)TS * sizeof(i64));
+        i64* os = (i64*)malloc((size_t)TS * sizeof(i64));
+        float* ov = (float*)malloc((size_t)TS * sizeof(float));
+        i64* nsl = (i64*)malloc((size_t)Tb * sizeof(i64));
+        i64* ent_b = (i64*)malloc((size_t)TS * sizeof(i64));
+        i64* ent_s = (i64*)malloc((size_t)TS * sizeof(i64));
+        float* ent_v = (float*)malloc((size_t)TS * sizeof(float));
+        i64* cnt = (i64*)malloc((size_t)(2 * m + 2) * sizeof(i64));
+        i64* fill = cnt + m + 1;
+        float* gvl = (float*)malloc((size_t)(16 * TS + 16) * sizeof(float));
+        i64* start = (i64*)malloc((size_t)(2 * L + 2) * sizeof(i64));
+        i64* pos = start + L + 1;
+        float* ssv = (float*)malloc((size_t)(18 * L) * sizeof(float));
+        float* cl = ssv + 17 * L;
+#ifdef SAE_AVX512
+        const i64 dfull = d - d % 128;
+#else
+        const i64 dfull = 0;
+#endif
 #pragma omp for schedule(dynamic, 1)
         for (i64 e = 0; e < E; e++) {
             const float* We = W + e * m * d;
             float* gWe = gW ? gW + e * m * d : NULL;
             if (ow_w && gWe) memset(gWe, 0, (size_t)(m * d) * sizeof(float));
             if (ow_b && gbias) memset(gbias + e * d, 0, (size_t)d * sizeof(float));
-            for (i64 b = 0; b < B; b++) {
-                const float* bb = base ? base + (b * E + e) * d : NULL;
-                const float* tt = target ? target + b * d : NULL;
-                const float* bi = bias ? bias + e * d : NULL;
-                for (i64 i = 0; i < d; i++) {
-                    float t = 0.0f;
-                    if (bi) t += bi[i];
-                    if (bb) t += bb[i];
-                    if (tt) t -= tt[i];
-                    acc[i] = t;
-                }
-                for (i64 i = d; i < L * d; i++) acc[i] = 0.0f;
-                const float* vs = v + (b * E + e) * S;
-                const i64* is = idx + (b * E + e) * S;
-                if (L == 1) {
-                    gather_accum(acc, We, is, vs, S, d);
-                } else {
-                    for (i64 s = 0; s < S; s++) {
-                        i64 j = is[s];
-                        if (j < 0 || vs[s] == 0.0f) continue;
-                        axpyf(vs[s], We + j * d, acc + (level ? level[j] : 0) * d, d);
+            for (i64 l = 0; l < L; l++) cl[l] = 2.0f * wsse[l * E + e];
+            for (i64 b0 = 0; b0 < B; b0 += Tb) {
+                const i64 nb = B - b0 < Tb ? B - b0 : Tb;
+                /* phase 1, per sample: forward, loss terms and G = dLoss/d(prefix outputs) into the tile */
+                for (i64 bl = 0; bl < nb; bl++) {
+                    const i64 b = b0 + bl;
+                    const float* bb = base ? base + (b * E + e) * d : NULL;
+                    const float* tt = target ? target + b * d : NULL;
+                    const float* bi = bias ? bias + e * d : NULL;
+                    const i64* is = idx + (b * E + e) * S;
+                    i64* bj = oj + bl * S;
+                    float* bv = ov + bl * S;
+                    nsl[bl] = level_order(is, v + (b * E + e) * S, S, level, L, bj, bv, os + bl * S, start, pos);
+                    float* G = Gt + bl * L * d;
+                    double* rs = rsum ? rsum + e * d : NULL;
+                    float* gbi = gbias ? gbias + e * d : NULL;
+                    float* gba = gbase ? gbase + (b * E + e) * d : NULL;
+                    memset(ssv, 0, (size_t)(17 * L) * sizeof(float));
+#ifdef SAE_AVX512
+                    for (i64 i0 = 0; i0 < dfull; i0 += 128)
+                        fwd_block128(acc, d, i0, bi, bb, tt, We, bj, bv, start, L, ssv, cl, G, rs, gbi, gba);
+#endif
+                    fwd_tail(acc, d, dfull, bi, bb, tt, We, bj, bv, start, L, ssv + 16 * L, cl, G, rs, gbi, gba);
+                    for (i64 l = 0; l < L; l++) {
+                        float s2 = ssv[16 * L + l];
+#ifdef SAE_AVX512
+                        if (dfull) s2 += _mm512_reduce_add_ps(_mm512_loadu_ps(ssv + 16 * l));
+#endif
+                        sse[l * E + e] += (double)s2;
+                        if (out) memcpy(out + ((l * B + b) * E + e) * d, acc + l * d, (size_t)d * sizeof(float));
                     }
-                    for (i64 l = 1; l < L; l++) axpyf(1.0f, acc + (l - 1) * d, acc + l * d, d);
+                    float* gs = gv + (b * E + e) * S;
+                    for (i64 s = 0; s < S; s++) gs[s] = 0.0f;
                 }
-                for (i64 l = 0; l < L; l++) {
-                    sse[l * E + e] += (double)dotf(acc + l * d, acc + l * d, d);
-                    if (out) memcpy(out + ((l * B + b) * E + e) * d, acc + l * d, (size_t)d * sizeof(float));
-                }
-                if (rsum) {
-                    const float* al = acc + (L - 1) * d;
-                    double* rs = rsum + e * d;
-                    for (i64 i = 0; i < d; i++) rs[i] += al[i];
-                }
-                for (i64 l = L - 1; l >= 0; l--) {
-                    float c = 2.0f * wsse[l * E + e];
-                    const float* al = acc + l * d;
-                    float* Gl = G + l * d;
-                    if (l == L - 1) {
-#pragma omp simd
-                        for (i64 i = 0; i < d; i++) Gl[i] = c * al[i];
-                    } else {
-                        const float* Gn = G + (l + 1) * d;
-#pragma omp simd
-                        for (i64 i = 0; i < d; i++) Gl[i] = Gn[i] + c * al[i];
+                /* the tile's slots grouped by latent (samples in order: deterministic) */
+                memset(cnt, 0, (size_t)(m + 1) * sizeof(i64));
+                for (i64 bl = 0; bl < nb; bl++)
+                    for (i64 t = 0; t < nsl[bl]; t++) cnt[oj[bl * S + t] + 1]++;
+                for (i64 j = 0; j < m; j++) { cnt[j + 1] += cnt[j]; fill[j] = cnt[j]; }
+                for (i64 bl = 0; bl < nb; bl++)
+                    for (i64 t = 0; t < nsl[bl]; t++) {
+                        i64 p = fill[oj[bl * S + t]]++;
+                        ent_b[p] = bl; ent_s[p] = os[bl * S + t]; ent_v[p] = ov[bl * S + t];
                     }
-                }
-                if (gbias) axpyf(1.0f, G, gbias + e * d, d);
-                if (gbase) memcpy(gbase + (b * E + e) * d, G, (size_t)d * sizeof(float));
-                float* gs = gv + (b * E + e) * S;
-                for (i64 s = 0; s < S; s++) {
-                    i64 j = is[s];
-                    if (j < 0) { gs[s] = 0.0f; continue; }
-                    const float* Gl = G + (level ? level[j] : 0) * d;
-                    gs[s] = dotf(We + j * d, Gl, d);
-                    if (gWe && vs[s] != 0.0f) axpyf(vs[s], Gl, gWe + j * d, d);
+                /* phase 2, per latent: value gradients <W[j], G> and gW[j] += sum v G (G of j's level) */
+                for (i64 j = 0; j < m; j++) {
+                    const i64 c0 = cnt[j], c1 = cnt[j + 1];
+                    if (c0 == c1) continue;
+                    const float* wj = We + j * d;
+                    float* gwj = gWe ? gWe + j * d : NULL;
+                    const float* Gj = Gt + (level ? level[j] : 0) * d;
+                    memset(gvl, 0, (size_t)(16 * (c1 - c0)) * sizeof(float));
+#ifdef SAE_AVX512
+                    for (i64 i0 = 0; i0 < dfull; i0 += 128)
+                        bwdT_block128(wj, gwj, i0, Gj, L * d, ent_b, ent_v, c0, c1, gvl);
+#endif
+                    for (i64 t = c0; t < c1; t++) {
+                        const float* gb = Gj + ent_b[t] * L * d;
+                        float g = dfull < d ? dotf(wj + dfull, gb + dfull, d - dfull) : 0.0f;
+                        if (gwj && dfull < d && ent_v[t] != 0.0f) axpyf(ent_v[t], gb + dfull, gwj + dfull, d - dfull);
+#ifdef SAE_AVX512
+                        if (dfull) g += _mm512_reduce_add_ps(_mm512_loadu_ps(gvl + 16 * (t - c0)));
+#endif
+                        gv[((b0 + ent_b[t]) * E + e) * S + ent_s[t]] = g;
+                    }
                 }
             }
         }
-        free(acc);
-        free(G);
+        free(acc); free(Gt); free(oj); free(os); free(ov); free(nsl); free(ent_b); free(ent_s);
+        free(ent_v); free(cnt); free(gvl); free(start); free(ssv);
     }
 }
 
@@ -555,27 +761,87 @@ void dec_fused(const float* v, const i64* idx, i64 B, i64 E, i64 S, const float*
 
 /* gWenc[e, idx] += gv * x[b] and gbenc[e, idx] += gv for every slot with idx >= 0 and v > 0
  * (the gradient through relu / the TopK or JumpReLU gate: only active latents).
- * overwrite_w / _b: zero each member's gW / gb block first. */
+ * Per member the active slots are grouped by latent (samples in order, so the sums run in the same
+ * order as a per-sample scatter); each gradient row is then built in registers, 128 columns at a
+ * time, while the x rows of its samples stream past: one load per FMA and one store per row
+ * instead of a read-modify-write per slot. overwrite_w / _b: zero each member's gW / gb block first. */
 void enc_bwd(const float* gv, const float* v, const i64* idx, i64 B, i64 E, i64 S,
              const float* x, i64 din, i64 m, float* gW, float* gb, int overwrite_w, int overwrite_b, int nthreads) {
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
-    for (i64 e = 0; e < E; e++) {
-        float* gWe = gW ? gW + e * m * din : NULL;
-        float* gbe = gb ? gb + e * m : NULL;
-        if (overwrite_w && gWe) memset(gWe, 0, (size_t)(m * din) * sizeof(float));
-        if (overwrite_b && gbe) memset(gbe, 0, (size_t)m * sizeof(float));
-        for (i64 b = 0; b < B; b++) {
-            const float* xb = x + b * din;
-            const float* vs = v + (b * E + e) * S;
-            const float* gs = gv + (b * E + e) * S;
-            const i64* is = idx + (b * E + e) * S;
-            for (i64 s = 0; s < S; s++) {
-                i64 j = is[s];
-                if (j < 0 || !(vs[s] > 0.0f) || gs[s] == 0.0f) continue;
-                if (gWe) axpyf(gs[s], xb, gWe + j * din, din);
-                if (gbe) gbe[j] += gs[s];
+#pragma omp parallel num_threads(nthreads)
+    {
+        i64* cnt = (i64*)malloc((size_t)(2 * m + 2) * sizeof(i64));
+        i64* fill = cnt + m + 1;
+        i64* ent_b = (i64*)malloc((size_t)(B * S + 1) * sizeof(i64));
+        float* ent_g = (float*)malloc((size_t)(B * S + 1) * sizeof(float));
+#ifdef SAE_AVX512
+        const i64 dfull = din - din % 128;
+#else
+        const i64 dfull = 0;
+#endif
+#pragma omp for schedule(dynamic, 1)
+        for (i64 e = 0; e < E; e++) {
+            float* gWe = gW ? gW + e * m * din : NULL;
+            float* gbe = gb ? gb + e * m : NULL;
+            if (overwrite_w && gWe) memset(gWe, 0, (size_t)(m * din) * sizeof(float));
+            if (overwrite_b && gbe) memset(gbe, 0, (size_t)m * sizeof(float));
+            memset(cnt, 0, (size_t)(m + 1) * sizeof(i64));
+            for (i64 b = 0; b < B; b++) {
+                const float* vs = v + (b * E + e) * S;
+                const float* gs = gv + (b * E + e) * S;
+                const i64* is = idx + (b * E + e) * S;
+                for (i64 s = 0; s < S; s++)
+                    if (is[s] >= 0 && vs[s] > 0.0f && gs[s] != 0.0f) cnt[is[s] + 1]++;
+            }
+            for (i64 j = 0; j < m; j++) { cnt[j + 1] += cnt[j]; fill[j] = cnt[j]; }
+            for (i64 b = 0; b < B; b++) {
+                const float* vs = v + (b * E + e) * S;
+                const float* gs = gv + (b * E + e) * S;
+                const i64* is = idx + (b * E + e) * S;
+                for (i64 s = 0; s < S; s++)
+                    if (is[s] >= 0 && vs[s] > 0.0f && gs[s] != 0.0f) {
+                        i64 p = fill[is[s]]++;
+                        ent_b[p] = b; ent_g[p] = gs[s];
+                    }
+            }
+            for (i64 j = 0; j < m; j++) {
+                const i64 c0 = cnt[j], c1 = cnt[j + 1];
+                if (c0 == c1) continue;
+                if (gbe) {
+                    float a = gbe[j];
+                    for (i64 t = c0; t < c1; t++) a += ent_g[t];
+                    gbe[j] = a;
+                }
+                if (!gWe) continue;
+                float* gr = gWe + j * din;
+#ifdef SAE_AVX512
+                for (i64 i0 = 0; i0 < dfull; i0 += 128) {
+                    __m512 a0 = _mm512_loadu_ps(gr + i0), a1 = _mm512_loadu_ps(gr + i0 + 16),
+                           a2 = _mm512_loadu_ps(gr + i0 + 32), a3 = _mm512_loadu_ps(gr + i0 + 48),
+                           a4 = _mm512_loadu_ps(gr + i0 + 64), a5 = _mm512_loadu_ps(gr + i0 + 80),
+                           a6 = _mm512_loadu_ps(gr + i0 + 96), a7 = _mm512_loadu_ps(gr + i0 + 112);
+                    for (i64 t = c0; t < c1; t++) {
+                        const float* xb = x + ent_b[t] * din + i0;
+                        const __m512 g = _mm512_set1_ps(ent_g[t]);
+                        a0 = _mm512_fmadd_ps(g, _mm512_loadu_ps(xb), a0);
+                        a1 = _mm512_fmadd_ps(g, _mm512_loadu_ps(xb + 16), a1);
+                        a2 = _mm512_fmadd_ps(g, _mm512_loadu_ps(xb + 32), a2);
+                        a3 = _mm512_fmadd_ps(g, _mm512_loadu_ps(xb + 48), a3);
+                        a4 = _mm512_fmadd_ps(g, _mm512_loadu_ps(xb + 64), a4);
+                        a5 = _mm512_fmadd_ps(g, _mm512_loadu_ps(xb + 80), a5);
+                        a6 = _mm512_fmadd_ps(g, _mm512_loadu_ps(xb + 96), a6);
+                        a7 = _mm512_fmadd_ps(g, _mm512_loadu_ps(xb + 112), a7);
+                    }
+                    _mm512_storeu_ps(gr + i0, a0); _mm512_storeu_ps(gr + i0 + 16, a1);
+                    _mm512_storeu_ps(gr + i0 + 32, a2); _mm512_storeu_ps(gr + i0 + 48, a3);
+                    _mm512_storeu_ps(gr + i0 + 64, a4); _mm512_storeu_ps(gr + i0 + 80, a5);
+                    _mm512_storeu_ps(gr + i0 + 96, a6); _mm512_storeu_ps(gr + i0 + 112, a7);
+                }
+#endif
+                if (dfull < din)
+                    for (i64 t = c0; t < c1; t++) axpyf(ent_g[t], x + ent_b[t] * din + dfull, gr + dfull, din - dfull);
             }
         }
+        free(cnt); free(ent_b); free(ent_g);
     }
 }
 

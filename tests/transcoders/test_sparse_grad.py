@@ -52,11 +52,13 @@ def test_sparse_function_gradient_equals_dense_autograd(skip):
 
 @pytest.mark.parametrize("activation", ["topk", "batchtopk", "jumprelu"])
 @pytest.mark.parametrize("matryoshka", [None, (16, 32)])
-def test_native_and_torch_paths_agree(activation, matryoshka):
-    """Same forward and gradients (thresholds, AuxK, Matryoshka included) on both paths."""
+@pytest.mark.parametrize("d_in", [24, 140])
+def test_native_and_torch_paths_agree(activation, matryoshka, d_in):
+    """Same forward and gradients (thresholds, AuxK, Matryoshka included) on both paths; d_in = 140
+    covers the encoder backward's 128-column register block and a tail."""
     if not _native.available():
         pytest.skip("CPU kernels unavailable")
-    model = small_model(k=(3, 4, 5, 6), activation=activation, matryoshka=matryoshka, skip=True)
+    model = small_model(k=(3, 4, 5, 6), d_in=d_in, activation=activation, matryoshka=matryoshka, skip=True)
     L = model.cfg.n_levels()
     x = torch.randn(31, model.cfg.d_in)
     h = torch.randn(31, model.cfg.d_out)
@@ -155,10 +157,12 @@ def test_workspace_sinks_give_autograd_gradients():
 
 @needs_native
 @pytest.mark.parametrize("matryoshka", [None, (16, 40)])
-def test_fused_decode_loss_matches_autograd(matryoshka):
+@pytest.mark.parametrize("d_out", [20, 276])
+def test_fused_decode_loss_matches_autograd(matryoshka, d_out):
     """The fused decoder+loss (gradients computed in the forward) == autograd of the torch path,
-    including per-member loss weights != 1 downstream and the skip path."""
-    model = small_model(k=(3, 4, 5, 6), skip=True, matryoshka=matryoshka)
+    including per-member loss weights != 1 downstream and the skip path. d_out = 276 covers the
+    kernel's 128-column register blocks and a tail."""
+    model = small_model(k=(3, 4, 5, 6), d_out=d_out, skip=True, matryoshka=matryoshka)
     L = model.cfg.n_levels()
     x, h = torch.randn(27, model.cfg.d_in), torch.randn(27, model.cfg.d_out)
     weights = torch.rand(L, model.n_members) + 0.1
