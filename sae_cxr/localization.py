@@ -4,7 +4,9 @@ Phantom boxes: every planted concept instance is scored with the map of the patt
 that concept best (if its AUROC reaches 0.9, i.e. the concept was recovered). Public boxes (NIH
 BBox_List_2017, RSNA): each box's finding is scored with the map of the prediction's top pattern
 for that finding. Baseline: Grad-CAM of the classifier logit for the finding the box implies, on
-the same images, so the two columns are comparable (concepts without a finding have no baseline).
+the same images (concepts without a finding have no baseline). Pattern maps and the baseline are
+compared only on the boxes that both scored ("with_baseline/"), pooled and paired box by box: the
+baseline alone also scores the boxes of concepts that no pattern recovered.
 """
 
 from __future__ import annotations
@@ -56,6 +58,10 @@ def localization_eval(run, ds, store, ens, head, table: pd.DataFrame, arrays: di
 
     attr = Attributor(ens, head, arrays["latent_pattern"])
     scores: dict[str, dict[str, LocalizationScores]] = defaultdict(lambda: defaultdict(LocalizationScores.empty))
+    # the boxes scored by every map (a recovered concept's pattern AND its finding's logit): the only
+    # fair ground for comparing pattern maps with the baseline, since the baseline alone also scores
+    # the boxes of concepts no pattern recovered (often the hardest ones)
+    same_boxes: dict[str, dict[str, LocalizationScores]] = defaultdict(lambda: defaultdict(LocalizationScores.empty))
     paired: list[tuple[bool, bool]] = []  # (pattern Grad-CAM hit, logit Grad-CAM hit) on the same boxes
     multimodal = store.mode == "multimodal"
     for r in pick:
@@ -84,21 +90,25 @@ def localization_eval(run, ds, store, ens, head, table: pd.DataFrame, arrays: di
                 con = decomposition.contributions[0, :, FINDINGS.index(finding)]
                 pid = int(np.argmax(con)) if con.max() > 0 else None
                 group = finding
+            maps: dict[str, np.ndarray] = {}
             if pid is not None:
                 mem = members[pid]
                 pmap = pattern_patch_maps(W_enc, mem, patches[None], E)[0].reshape(grid)
-                scores[group]["pattern_map"].add(to_image(np.maximum(pmap, 0), lb, backbone.image_size), boxes)
+                maps["pattern_map"] = to_image(np.maximum(pmap, 0), lb, backbone.image_size)
                 target = pattern_target(ens.W_enc.detach(), ens.b_enc.detach(), mem, E, text)
-                gmap = backbone.gradcam(pixels, target)[0].numpy()
-                scores[group]["pattern_gradcam"].add(to_image(gmap, lb, backbone.image_size), boxes)
+                maps["pattern_gradcam"] = to_image(backbone.gradcam(pixels, target)[0].numpy(), lb, backbone.image_size)
             if finding is not None:
                 cam = backbone.gradcam(pixels, logit_target(head, FINDINGS.index(finding), text))[0].numpy()
-                scores[group]["logit_gradcam"].add(to_image(cam, lb, backbone.image_size), boxes)
-                if pid is not None:
-                    paired.append((scores[group]["pattern_gradcam"].pointing[-1],
-                                   scores[group]["logit_gradcam"].pointing[-1]))
+                maps["logit_gradcam"] = to_image(cam, lb, backbone.image_size)
+            for method, heat in maps.items():
+                scores[group][method].add(heat, boxes)
+            if len(maps) == 3:
+                for method, heat in maps.items():
+                    same_boxes[group][method].add(heat, boxes)
+                paired.append((same_boxes[group]["pattern_gradcam"].pointing[-1],
+                               same_boxes[group]["logit_gradcam"].pointing[-1]))
     per_group = {g: {m: s.summary() for m, s in d.items()} for g, d in scores.items()}
-    summary = _pool(scores)
+    summary = _pool(scores, same_boxes)
     if paired:
         summary["paired/pointing_pattern_minus_logit"] = paired_difference(np.array(paired, dtype=float), rng)
     return {"images": len(pick), "per_label": per_group, "summary": summary,
@@ -119,14 +129,15 @@ def paired_difference(hits: np.ndarray, rng: np.random.Generator, n_boot: int = 
             "difference": float(d.mean()), "ci_low": float(lo), "ci_high": float(hi), "level": level}
 
 
-def _pool(scores) -> dict[str, Any]:
-    """Pooled metrics per method: over all boxes, and over the boxes that have a baseline (findings)."""
+def _pool(scores, same_boxes) -> dict[str, Any]:
+    """Pooled metrics per method: over all boxes each method scored ("all/"), and over the boxes that
+    every method scored, the pattern maps and the logit baseline alike ("with_baseline/")."""
     out: dict[str, Any] = {}
-    for subset, groups in (("all", list(scores)), ("with_baseline", [g for g in scores if "logit_gradcam" in scores[g]])):
+    for subset, table in (("all", scores), ("with_baseline", same_boxes)):
         for method in ("pattern_map", "pattern_gradcam", "logit_gradcam"):
             pooled = LocalizationScores.empty()
-            for g in groups:
-                s = scores[g].get(method)
+            for g in table:
+                s = table[g].get(method)
                 if s is not None:
                     pooled.pointing += s.pointing
                     pooled.iobb += s.iobb

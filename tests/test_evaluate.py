@@ -1,7 +1,6 @@
 import json
 
 import numpy as np
-import pytest
 
 from sae_cxr.evaluate import METRICS, PLOTS, SUMMARY_MD, EvalConfig, evaluate, grade
 
@@ -33,22 +32,6 @@ def test_pointing_grade_uses_the_paired_interval_when_there_is_one():
     for loc_, expect in ((loc, False), (within_noise, True), (worse, False)):
         g = grade({"attribution": {"localization": loc_}}, EvalConfig())["pointing_pattern_vs_logit_gradcam"]
         assert g["pass"] is expect, (loc_, g)
-
-
-def test_paired_difference_on_worked_hits():
-    from sae_cxr.localization import paired_difference
-
-    # 4 boxes: pattern hits 1,1,0,0; logit hits 1,0,0,1 -> differences 0, +1, 0, -1, mean 0
-    hits = np.array([[1, 1], [1, 0], [0, 0], [0, 1]], dtype=float)
-    d = paired_difference(hits, np.random.default_rng(0))
-    assert (d["n"], d["first"], d["second"], d["difference"]) == (4, 0.5, 0.5, 0.0)
-    assert -1.0 <= d["ci_low"] <= 0.0 <= d["ci_high"] <= 1.0
-    # a map that hits every box the other misses, on 200 boxes: the interval excludes 0
-    many = np.tile([[1, 0], [1, 1]], (100, 1)).astype(float)
-    d = paired_difference(many, np.random.default_rng(0))
-    assert d["difference"] == 0.5 and d["ci_low"] > 0.35 and d["ci_high"] < 0.65
-    with pytest.raises(ValueError, match="paired hits"):
-        paired_difference(np.zeros((3, 3)), np.random.default_rng(0))
 
 
 def test_grade_leaves_out_what_a_run_does_not_have():
