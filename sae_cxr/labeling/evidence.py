@@ -26,13 +26,18 @@ account. For one pattern:
    images WITHOUT Y (a >= 2 top images with X and not Y, one-sided Fisher p <= alpha_conditional):
    the pacemaker survives "no cardiomegaly" (the top images without cardiomegaly still all have a
    pacemaker), cardiomegaly does not survive "no pacemaker" (no top image lacks a pacemaker).
-   Y EXPLAINS AWAY X when X does not survive Y and Y survives X. The label is the best-scoring
-   eligible term that no other candidate explains away. Terms that are the same thing under
-   another name (a concept and its report mention) explain each other away symmetrically, i.e.
-   not at all, and ties in score go to concepts, then findings, then report terms.
-6. CONFIDENCE = precision * min(1, -log10(q) / full_confidence_log10_q): a label that covers its
+   Y EXPLAINS AWAY X when X does not survive Y and Y survives X. Candidates are distinct MEANINGS:
+   a concept, its finding label and its report phrases are one candidate (the best-scoring of them),
+   so synonyms cannot crowd the other meanings out of the comparison.
+6. DECISION. The top set proposes, the whole distribution decides: among the candidates nothing
+   explains away, the label is the term whose presence the pattern's activation ranks best over
+   ALL images (AUROC where the term is known). The top-set score alone favours the rarest
+   co-occurring term: a heart-failure axis whose strongest images all show oedema, but which
+   tracks cardiomegaly over the whole range, is named after cardiomegaly. With
+   `decide_by_auroc=False` the best-scoring standing term wins.
+7. CONFIDENCE = precision * min(1, -log10(q) / full_confidence_log10_q): a label that covers its
    top images and is overwhelmingly significant scores near 1.
-7. UNRESOLVED. When no term is eligible, the label is "unresolved pattern" with confidence 0 and a
+8. UNRESOLVED. When no term is eligible, the label is "unresolved pattern" with confidence 0 and a
    FALLBACK category: the category of the best-scoring categorised term with OR > 1 and nominal
    p <= fallback_p (weak evidence beats none), else `unresolved_category` ("structural": the
    variation a radiograph carries without annotation is mostly anatomy, habitus and positioning).
@@ -115,7 +120,11 @@ class EvidenceConfig:
     min_precision: float = 0.3
     """An eligible term must appear on at least this share of the top images."""
     n_candidates: int = 5
-    """How many best eligible terms enter the explaining-away comparison."""
+    """How many best eligible meanings (a concept with its synonyms is one) enter the explaining-away
+    comparison."""
+    decide_by_auroc: bool = True
+    """Among the standing candidates, name the pattern after the term its activation ranks best over all
+    images; False: after the best top-set score."""
     alpha_conditional: float = 0.05
     """Level of the conditional tests (few, pre-selected comparisons: uncorrected)."""
     min_conditional_hits: int = 2
@@ -415,32 +424,23 @@ class EvidenceLabeler:
         d = int((~has_x & ~in_top).sum())
         return a, float(fisher_greater(a, b, c, d))
 
-    def _inseparable_tie_break(self, t: EvidenceTable, s: _Stats, cols: dict[int, tuple[np.ndarray, np.ndarray]],
-                               top: np.ndarray, acts: np.ndarray, standing: list[int]) -> dict[str, Any] | None:
-        """When the leading standing terms co-occur on (nearly) every top image, the top set cannot tell
-        them apart and neither explains the other away (no top image has one without the other). The
-        whole activation distribution can: the term whose presence the activation ranks best (AUROC over
-        the images where the term is known) wins. A pattern driven by a nuisance that co-occurs with a
-        finding (a planted shortcut) is named after the nuisance, not after the rarer finding."""
+    def _auroc_decision(self, t: EvidenceTable, s: _Stats, cols: dict[int, tuple[np.ndarray, np.ndarray]],
+                        acts: np.ndarray, standing: list[int]) -> dict[str, Any] | None:
+        """The standing candidate whose presence the whole activation distribution ranks best (AUROC over
+        the images where the term is known); None when that is already the best-scoring one."""
         from sae_cxr.stats import auroc
 
         if len(standing) < 2:
             return None
-        first = standing[0]
-        tied = [x for x in standing if s.precision[x] >= s.precision[first] - 0.05]
-        tied = [x for x in tied if x == first or self._conditional_p(cols, top, x, first)[0]
-                < self.config.min_conditional_hits]  # no top image separates x from the leader
-        if len(tied) < 2:
-            return None
         scores = {}
-        for x in tied:
+        for x in standing:
             v, k = cols[x]
             scores[x] = auroc(v[k].astype(float), acts[k]) if 0 < v[k].sum() < k.sum() else float("nan")
-        best = max(tied, key=lambda x: (np.nan_to_num(scores[x], nan=-1.0), -tied.index(x)))
-        if best == first:
+        best = max(standing, key=lambda x: (np.nan_to_num(scores[x], nan=-1.0), -standing.index(x)))
+        if best == standing[0]:
             return None
         return {"winner": best, "by": "auroc",
-                "auroc": {t.terms[x].key: round(float(scores[x]), 4) for x in tied}}
+                "auroc": {t.terms[x].key: round(float(scores[x]), 4) for x in standing}}
 
     def _survives(self, cols: dict[int, tuple[np.ndarray, np.ndarray]], top: np.ndarray, x: int, y: int) -> bool:
         """Is X still enriched in the top set among the images without Y?"""
@@ -470,8 +470,7 @@ class EvidenceLabeler:
         categorised = np.array([term.meaning.category is not None for term in t.terms])
         eligible = ((s.q <= cfg.alpha) & (s.a >= cfg.min_top_hits) & (s.precision >= cfg.min_precision)
                     & (s.odds_ratio > 1.0) & categorised)
-        order = self._rank(t, s, np.flatnonzero(eligible))
-        candidates = order[: cfg.n_candidates]
+        candidates = self._distinct_meanings(t, self._rank(t, s, np.flatnonzero(eligible)))[: cfg.n_candidates]
         if not len(candidates):
             return self._unresolved(pattern_id, base, t, s, f"no term is enriched at q <= {cfg.alpha} "
                                     f"with precision >= {cfg.min_precision} among the top {n_top} images")
@@ -487,7 +486,7 @@ class EvidenceLabeler:
             else:
                 explained.append({"term": t.terms[x].key, "by": t.terms[by].key})
         winner = standing[0] if standing else candidates[0]  # none standing: a cycle, keep the marginal best
-        tie_break = self._inseparable_tie_break(t, s, cols, top, acts, standing)
+        tie_break = self._auroc_decision(t, s, cols, acts, standing) if cfg.decide_by_auroc else None
         if tie_break is not None:
             winner = tie_break["winner"]
 
@@ -524,6 +523,19 @@ class EvidenceLabeler:
         return sorted((int(j) for j in idx),
                       key=lambda j: (-round(float(s.score[j]), 12), KIND_PRIORITY[t.terms[j].kind],
                                      -len(t.terms[j].name.split()), t.terms[j].key))
+
+    @staticmethod
+    def _distinct_meanings(t: EvidenceTable, order: list[int]) -> list[int]:
+        """The first term of each meaning in `order` (a concept, its finding and its report phrases are one)."""
+        seen: set[str] = set()
+        out = []
+        for j in order:
+            m = t.terms[j].meaning
+            key = m.concept or m.display
+            if key not in seen:
+                seen.add(key)
+                out.append(j)
+        return out
 
     def _top_terms(self, t: EvidenceTable, s: _Stats) -> list[dict[str, Any]]:
         shown = self._rank(t, s, np.flatnonzero((s.a > 0) & (s.odds_ratio > 1.0)))[: self.config.evidence_terms]
