@@ -110,11 +110,15 @@ def _std(square: np.ndarray, total: np.ndarray, n_images: int) -> np.ndarray:
 def label_groups(labels: pd.DataFrame, n_patterns: int,
                  categories: Sequence[str] = NUISANCE_CATEGORIES) -> tuple[np.ndarray, list[tuple[str, str]]]:
     """Group the patterns of `categories` by their (normalised) label: ([P] group id or -1, and the
-    (label, category) of each group). `labels` is indexed by pattern_id with columns label and category."""
+    (label, category) of each group). `labels` is indexed by pattern_id with columns label and category.
+    Unresolved patterns stay out of every group: sharing "unresolved pattern" says nothing in common."""
+    from sae_cxr.labeling.base import UNRESOLVED
+
     groups = np.full(n_patterns, -1, dtype=np.int64)
     keys: dict[tuple[str, str], int] = {}
     for pid, row in labels.iterrows():
-        if row["category"] not in categories or not isinstance(row["label"], str) or not 0 <= int(pid) < n_patterns:
+        if (row["category"] not in categories or not isinstance(row["label"], str) or row["label"] == UNRESOLVED
+                or not 0 <= int(pid) < n_patterns):
             continue
         key = (" ".join(row["label"].lower().split()), row["category"])
         groups[int(pid)] = keys.setdefault(key, len(keys))

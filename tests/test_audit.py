@@ -89,3 +89,12 @@ def test_evidence_sums_refuse_to_merge_different_groupings():
         a.merge(EvidenceSums.zeros(2, 1))
     with pytest.raises(ValueError, match="without pattern groups"):
         EvidenceSums.zeros(2, 1).group_swing()
+
+
+def test_unresolved_patterns_form_no_label_group():
+    from sae_cxr.labeling.base import UNRESOLVED
+
+    labels = pd.DataFrame({"label": [UNRESOLVED, UNRESOLVED, "pacemaker"], "category": ["device", "device", "device"]},
+                          index=pd.Index([0, 1, 2], name="pattern_id"))
+    groups, keys = label_groups(labels, 3)
+    assert groups.tolist() == [-1, -1, 0] and keys == [("pacemaker", "device")]
