@@ -773,11 +773,6 @@ void enc_bwd(const float* gv, const float* v, const i64* idx, i64 B, i64 E, i64 
         i64* fill = cnt + m + 1;
         i64* ent_b = (i64*)malloc((size_t)(B * S + 1) * sizeof(i64));
         float* ent_g = (float*)malloc((size_t)(B * S + 1) * sizeof(float));
-#ifdef SAE_AVX512
-        const i64 dfull = din - din % 128;
-#else
-        const i64 dfull = 0;
-#endif
 #pragma omp for schedule(dynamic, 1)
         for (i64 e = 0; e < E; e++) {
             float* gWe = gW ? gW + e * m * din : NULL;
@@ -812,33 +807,7 @@ void enc_bwd(const float* gv, const float* v, const i64* idx, i64 B, i64 E, i64 
                     gbe[j] = a;
                 }
                 if (!gWe) continue;
-                float* gr = gWe + j * din;
-#ifdef SAE_AVX512
-                for (i64 i0 = 0; i0 < dfull; i0 += 128) {
-                    __m512 a0 = _mm512_loadu_ps(gr + i0), a1 = _mm512_loadu_ps(gr + i0 + 16),
-                           a2 = _mm512_loadu_ps(gr + i0 + 32), a3 = _mm512_loadu_ps(gr + i0 + 48),
-                           a4 = _mm512_loadu_ps(gr + i0 + 64), a5 = _mm512_loadu_ps(gr + i0 + 80),
-                           a6 = _mm512_loadu_ps(gr + i0 + 96), a7 = _mm512_loadu_ps(gr + i0 + 112);
-                    for (i64 t = c0; t < c1; t++) {
-                        const float* xb = x + ent_b[t] * din + i0;
-                        const __m512 g = _mm512_set1_ps(ent_g[t]);
-                        a0 = _mm512_fmadd_ps(g, _mm512_loadu_ps(xb), a0);
-                        a1 = _mm512_fmadd_ps(g, _mm512_loadu_ps(xb + 16), a1);
-                        a2 = _mm512_fmadd_ps(g, _mm512_loadu_ps(xb + 32), a2);
-                        a3 = _mm512_fmadd_ps(g, _mm512_loadu_ps(xb + 48), a3);
-                        a4 = _mm512_fmadd_ps(g, _mm512_loadu_ps(xb + 64), a4);
-                        a5 = _mm512_fmadd_ps(g, _mm512_loadu_ps(xb + 80), a5);
-                        a6 = _mm512_fmadd_ps(g, _mm512_loadu_ps(xb + 96), a6);
-                        a7 = _mm512_fmadd_ps(g, _mm512_loadu_ps(xb + 112), a7);
-                    }
-                    _mm512_storeu_ps(gr + i0, a0); _mm512_storeu_ps(gr + i0 + 16, a1);
-                    _mm512_storeu_ps(gr + i0 + 32, a2); _mm512_storeu_ps(gr + i0 + 48, a3);
-                    _mm512_storeu_ps(gr + i0 + 64, a4); _mm512_storeu_ps(gr + i0 + 80, a5);
-                    _mm512_storeu_ps(gr + i0 + 96, a6); _mm512_storeu_ps(gr + i0 + 112, a7);
-                }
-#endif
-                if (dfull < din)
-                    for (i64 t = c0; t < c1; t++) axpyf(ent_g[t], x + ent_b[t] * din + dfull, gr + dfull, din - dfull);
+                gather_accum(gWe + j * din, x, ent_b + c0, ent_g + c0, c1 - c0, din);
             }
         }
         free(cnt); free(ent_b); free(ent_g);
