@@ -58,6 +58,19 @@ def _kill_randomly(proc: subprocess.Popen, run: RunDir, stage: str, rng: random.
         proc.send_signal(signal.SIGKILL)
 
 
+def _kill_stage(run: RunDir, config: Path, stage: str, kill: str, span: float) -> None:
+    """Run `stage` in a child and kill it: at a planned point (`file:n:when`, the child SIGKILLs itself
+    there, which is checked) or, for `random:seed`, at a random moment within `span` s of its start."""
+    if kill.startswith("random"):
+        proc = _child(run, config, stage)
+        _kill_randomly(proc, run, stage, random.Random(int(kill.split(":")[1])), span=span)
+    else:
+        proc = _child(run, config, stage, kill)
+    out, _ = proc.communicate(timeout=300)
+    if not kill.startswith("random"):
+        assert proc.returncode == -signal.SIGKILL, out
+
+
 def _whole(path: Path) -> None:
     """Read a file completely with the reader of its format; raises if it is truncated or garbled."""
     if path.suffix == ".safetensors":
@@ -116,14 +129,7 @@ def test_killed_extraction_reruns_to_identical_embeddings(tiny_world, tmp_path, 
     run = copy_run(ref, tmp_path / "run", drop=("extract", "train-classifier", "train-transcoders", "patterns",
                                                 "galleries", "attribute", "label"),
                    remove=("embeddings",))
-    if kill.startswith("random"):
-        proc = _child(run, tiny_world["config_path"], "extract")
-        _kill_randomly(proc, run, "extract", random.Random(int(kill.split(":")[1])), span=1.5)
-    else:
-        proc = _child(run, tiny_world["config_path"], "extract", kill)
-    out, _ = proc.communicate(timeout=300)
-    if not kill.startswith("random"):
-        assert proc.returncode == -signal.SIGKILL, out
+    _kill_stage(run, tiny_world["config_path"], "extract", kill, span=1.5)
     _assert_consistent_after_kill(run, "extract", "embeddings", _extract_reader)
 
     summary = run_stage(run, "extract", tiny_world["cfg"])
@@ -157,14 +163,7 @@ def test_killed_transcoder_training_resumes_to_equal_weights(tiny_world, tmp_pat
     expected = _state(ref)
     run = copy_run(ref, tmp_path / "run", drop=("train-transcoders", "patterns", "galleries", "attribute", "label"),
                    remove=("transcoders",))
-    if kill.startswith("random"):
-        proc = _child(run, tiny_world["config_path"], "train-transcoders")
-        _kill_randomly(proc, run, "train-transcoders", random.Random(int(kill.split(":")[1])), span=1.0)
-    else:
-        proc = _child(run, tiny_world["config_path"], "train-transcoders", kill)
-    out, _ = proc.communicate(timeout=300)
-    if not kill.startswith("random"):
-        assert proc.returncode == -signal.SIGKILL, out
+    _kill_stage(run, tiny_world["config_path"], "train-transcoders", kill, span=1.0)
     _assert_consistent_after_kill(run, "train-transcoders", "transcoders", _state)
     ckpts = list(run.sub("transcoders").rglob("checkpoint.pt"))
     if kill.startswith("checkpoint.pt"):
