@@ -34,6 +34,7 @@ class EvidenceSums:
     square: np.ndarray  # [P, C] sum of squared contributions
     n_images: int = 0
     groups: np.ndarray | None = None  # [P] group id per pattern, -1 = in no group
+    group_keys: list[tuple[str, str]] | None = None  # [G] (label, category) of each group
     group_net: np.ndarray | None = None  # [G, C] sum over images of the group's summed term
     group_square: np.ndarray | None = None  # [G, C] sum over images of its square
 
@@ -42,10 +43,14 @@ class EvidenceSums:
             raise ValueError("net, magnitude, n_active and square must have the same [P, C] shape")
         if (np.abs(self.net) > self.magnitude + 1e-9 * (1 + self.magnitude)).any():
             raise ValueError("|net| exceeds the summed magnitude: the sums were not accumulated together")
+        if (self.groups is None) != (self.group_keys is None):
+            raise ValueError("groups and group_keys come together (see label_groups)")
         if self.groups is not None:
             if self.groups.shape != (self.net.shape[0],):
                 raise ValueError(f"groups must hold one id per pattern ({self.net.shape[0]}), got {self.groups.shape}")
-            G = int(self.groups.max()) + 1 if len(self.groups) else 0
+            G = len(self.group_keys)
+            if len(self.groups) and int(self.groups.max()) >= G:
+                raise ValueError(f"group id {int(self.groups.max())} has no key ({G} group keys)")
             shape = (G, self.net.shape[1])
             if self.group_net is None:
                 self.group_net, self.group_square = np.zeros(shape), np.zeros(shape)
@@ -53,10 +58,14 @@ class EvidenceSums:
                 raise ValueError(f"group sums must have shape {shape}")
 
     @classmethod
-    def zeros(cls, n_patterns: int, n_findings: int, groups: np.ndarray | None = None) -> "EvidenceSums":
+    def zeros(cls, n_patterns: int, n_findings: int, groups: np.ndarray | None = None,
+              group_keys: Sequence[tuple[str, str]] | None = None) -> "EvidenceSums":
+        """Empty sums; `groups`/`group_keys` as `label_groups` returns them."""
         z = np.zeros((n_patterns, n_findings))
         g = None if groups is None else np.asarray(groups, dtype=np.int64)
-        return cls(z, z.copy(), np.zeros((n_patterns, n_findings), dtype=np.int64), z.copy(), groups=g)
+        keys = None if group_keys is None else list(group_keys)
+        return cls(z, z.copy(), np.zeros((n_patterns, n_findings), dtype=np.int64), z.copy(), groups=g,
+                   group_keys=keys)
 
     def add(self, contributions: np.ndarray) -> None:
         """Accumulate a batch of decompositions: contributions [B, P, C]."""
@@ -74,8 +83,8 @@ class EvidenceSums:
 
     def merge(self, other: "EvidenceSums") -> None:
         """Add sums accumulated over other images (another block of pages, another rank)."""
-        if (self.groups is None) != (other.groups is None) or (
-                self.groups is not None and not np.array_equal(self.groups, other.groups)):
+        if (self.groups is None) != (other.groups is None) or (self.groups is not None and (
+                not np.array_equal(self.groups, other.groups) or self.group_keys != other.group_keys)):
             raise ValueError("cannot merge evidence sums accumulated with different pattern groups")
         self.net += other.net
         self.magnitude += other.magnitude
@@ -150,10 +159,9 @@ class FindingAudit:
 
 
 def audit_finding(sums: EvidenceSums, c: int, labels: pd.DataFrame, finding: str,
-                  categories: Sequence[str] = NUISANCE_CATEGORIES,
-                  group_keys: Sequence[tuple[str, str]] | None = None) -> FindingAudit:
-    """Audit finding column c. `labels` is indexed by pattern_id with columns label and category;
-    `group_keys` names the (label, category) of each group of `sums` (from `label_groups`).
+                  categories: Sequence[str] = NUISANCE_CATEGORIES) -> FindingAudit:
+    """Audit finding column c. `labels` is indexed by pattern_id with columns label and category; label
+    groups are reported when the sums were accumulated with them.
 
     Patterns are ranked by their swing, not by summed magnitudes: a marker present on every image
     with the same push shifts every logit alike (it is part of the baseline, it separates nothing),
@@ -171,11 +179,9 @@ def audit_finding(sums: EvidenceSums, c: int, labels: pd.DataFrame, finding: str
     share = float(nuis["evidence"].sum() / total) if total > 0 else 0.0
     grouped = None
     if sums.groups is not None:
-        if group_keys is None or len(group_keys) != len(sums.group_net):
-            raise ValueError("group_keys must name every group of the evidence sums")
         gs = sums.group_swing()[:, c]
         rows = []
-        for g, (label, category) in enumerate(group_keys):
+        for g, (label, category) in enumerate(sums.group_keys):
             ids = np.flatnonzero(sums.groups == g)
             evid = float(sums.magnitude[ids, c].sum())
             if evid <= 0:
@@ -212,9 +218,9 @@ def label_table(run: RunDir) -> pd.DataFrame:
 
 
 def evidence_sums(run: RunDir, splits: Sequence[str], batch_size: int = 512,
-                  groups: np.ndarray | None = None) -> EvidenceSums:
-    """Full decompositions of every valid image of `splits`, summed per pattern and finding (and per
-    pattern group, when `groups` [P] is given)."""
+                  labels: pd.DataFrame | None = None) -> EvidenceSums:
+    """Full decompositions of every valid image of `splits`, summed per pattern and finding, and per
+    label group of device/artifact patterns when `labels` (as `label_table` returns them) is given."""
     from sae_cxr.attribution import Attributor
     from sae_cxr.classifier import load_head
     from sae_cxr.extract import EmbeddingStore
@@ -231,7 +237,8 @@ def evidence_sums(run: RunDir, splits: Sequence[str], batch_size: int = 512,
     _, arrays = load_patterns(run)
     attr = Attributor(load_ensemble(run), load_head(run), arrays["latent_pattern"])
     x = store.features()
-    sums = EvidenceSums.zeros(attr.n_patterns, len(FINDINGS), groups=groups)
+    groups, keys = label_groups(labels, attr.n_patterns) if labels is not None else (None, None)
+    sums = EvidenceSums.zeros(attr.n_patterns, len(FINDINGS), groups=groups, group_keys=keys)
     for s in range(0, len(rows), batch_size):
         sums.add(attr.decompose(x[rows[s:s + batch_size]]).contributions)
     return sums
@@ -239,14 +246,11 @@ def evidence_sums(run: RunDir, splits: Sequence[str], batch_size: int = 512,
 
 def audit_run(run: RunDir, splits: Sequence[str] = ("test",)) -> RunAudit:
     """The audit of every finding of a labelled run, over the images of `splits`."""
-    from sae_cxr.patterns import load_patterns
-
     labels = label_table(run)
-    groups, keys = label_groups(labels, len(load_patterns(run)[0]))
-    sums = evidence_sums(run, splits, groups=groups)
+    sums = evidence_sums(run, splits, labels=labels)
     out = RunAudit(splits=tuple(splits))
     for c, finding in enumerate(FINDINGS):
-        out.findings[finding] = audit_finding(sums, c, labels, finding, group_keys=keys)
+        out.findings[finding] = audit_finding(sums, c, labels, finding)
     return out
 
 

@@ -304,8 +304,8 @@ class _Context:
 
         named_rows = [{"pattern_id": p, "label": lab.label, "category": lab.category}
                       for p, lab in self.labels.items() if not lab.unresolved]
-        self.label_groups, self.label_group_keys = label_groups(
-            pd.DataFrame(named_rows, columns=["pattern_id", "label", "category"]).set_index("pattern_id"), self.P)
+        self.label_frame = pd.DataFrame(named_rows, columns=["pattern_id", "label", "category"]).set_index("pattern_id")
+        self.label_groups, self.label_group_keys = label_groups(self.label_frame, self.P)
         explain_cfg = (run.config("explain") or {}).get("compose") or {}
         from sae_cxr.config import from_dict
 
@@ -919,11 +919,11 @@ class _Audit:
     """Shortcut-audit sums over the full decompositions of every reported image: the per-pattern sums
     of `sae_cxr.audit` (category shares are derived from them), plus the positive-call support."""
 
-    def __init__(self, P: int, groups: np.ndarray | None = None):
+    def __init__(self, P: int, groups: np.ndarray | None = None, group_keys: Sequence[tuple[str, str]] | None = None):
         from sae_cxr.audit import EvidenceSums
 
         C = len(FINDINGS)
-        self.sums = EvidenceSums.zeros(P, C, groups=groups)
+        self.sums = EvidenceSums.zeros(P, C, groups=groups, group_keys=group_keys)
         self.pos_support = np.zeros(C)
         self.pos_support_nuisance = np.zeros(C)
         self.n_pos = np.zeros(C, dtype=np.int64)
@@ -947,7 +947,7 @@ class _Audit:
         returned as it is; with several, sums equal one process's up to float rounding (order of addition)."""
         if len(parts) == 1:
             return parts[0]
-        out = cls(P, parts[0].sums.groups)
+        out = cls(P, parts[0].sums.groups, parts[0].sums.group_keys)
         for part in parts:
             out.sums.merge(part.sums)
             for k in ("pos_support", "pos_support_nuisance", "n_pos", "carried"):
@@ -955,6 +955,8 @@ class _Audit:
         return out
 
     def rows(self, ctx: _Context) -> list[dict[str, Any]]:
+        from sae_cxr.audit import audit_finding
+
         mag = self.sums.magnitude  # [P, C] sum of |contribution| per pattern
 
         def share(part: np.ndarray, c: int, tot: float) -> float:
@@ -973,17 +975,13 @@ class _Audit:
                            "category": None if lab is None else lab.category,
                            "share": float(mag[k, c] / tot) if tot > 0 else 0.0}
             top_label = None
-            if self.sums.groups is not None and len(self.sums.group_net):
+            if self.sums.groups is not None:
                 # the label whose patterns together move this logit most from image to image
-                evid = np.bincount(self.sums.groups[self.sums.groups >= 0],
-                                   weights=mag[self.sums.groups >= 0, c], minlength=len(self.sums.group_net))
-                swing = np.where(evid > 0, self.sums.group_swing()[:, c], -1.0)
-                g = int(np.argmax(swing))
-                if swing[g] >= 0:
-                    label, category = ctx.label_group_keys[g]
-                    top_label = {"label": label, "category": category,
-                                 "patterns": int((self.sums.groups == g).sum()), "swing": float(swing[g]),
-                                 "share": float(evid[g] / tot) if tot > 0 else 0.0}
+                grouped = audit_finding(self.sums, c, ctx.label_frame, f).groups
+                if len(grouped):
+                    g = grouped.iloc[0]
+                    top_label = {"label": g["label"], "category": g["category"], "patterns": int(g["n_patterns"]),
+                                 "swing": float(g["swing"]), "share": float(g["share"])}
             out.append({
                 "finding": f,
                 "device_share": share(ctx.device, c, tot),
@@ -1463,7 +1461,7 @@ class _PageBuilder:
         manifest_sha, built_at = self.manifest_sha, self.built_at
         cfg, sel = ctx.cfg, ctx.sel
         n, per, n_pages = len(sel.ids), cfg.per_page, len(page_files)
-        audit = _Audit(ctx.P, ctx.label_groups)
+        audit = _Audit(ctx.P, ctx.label_groups, ctx.label_group_keys)
         pages_meta: list[dict[str, Any]] = []
         idx_w = _csv.writer(idx_f)
         worst_logit = 0.0

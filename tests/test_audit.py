@@ -63,15 +63,15 @@ def test_a_nuisance_split_over_patterns_is_ranked_by_its_label_group():
                           index=pd.Index([0, 1, 2, 3], name="pattern_id"))
     groups, keys = label_groups(labels, 4)
     assert groups.tolist() == [0, 0, 1, -1] and keys == [("low exposure", "artifact"), ("pacemaker", "device")]
-    whole = EvidenceSums.zeros(4, 1, groups=groups)
+    whole = EvidenceSums.zeros(4, 1, groups=groups, group_keys=keys)
     whole.add(c)
-    parts = [EvidenceSums.zeros(4, 1, groups=groups) for _ in range(2)]
+    parts = [EvidenceSums.zeros(4, 1, groups=groups, group_keys=keys) for _ in range(2)]
     parts[0].add(c[:1])
     parts[1].add(c[1:])
     parts[0].merge(parts[1])
     for sums in (whole, parts[0]):
         assert sums.group_swing()[:, 0] == pytest.approx([2.0, 1.5])
-        a = audit_finding(sums, 0, labels, "Edema", group_keys=keys)
+        a = audit_finding(sums, 0, labels, "Edema")
         assert list(a.patterns["pattern_id"]) == [2, 0, 1]  # by single swing
         assert list(a.groups["label"]) == ["low exposure", "pacemaker"]
         assert a.groups["n_patterns"].tolist() == [2, 1] and a.groups["pattern_ids"][0] == [0, 1]
@@ -84,11 +84,15 @@ def test_a_nuisance_split_over_patterns_is_ranked_by_its_label_group():
 
 
 def test_evidence_sums_refuse_to_merge_different_groupings():
-    a = EvidenceSums.zeros(2, 1, groups=np.array([0, -1]))
+    a = EvidenceSums.zeros(2, 1, groups=np.array([0, -1]), group_keys=[("pacemaker", "device")])
     with pytest.raises(ValueError, match="different pattern groups"):
         a.merge(EvidenceSums.zeros(2, 1))
     with pytest.raises(ValueError, match="without pattern groups"):
         EvidenceSums.zeros(2, 1).group_swing()
+    with pytest.raises(ValueError, match="come together"):
+        EvidenceSums.zeros(2, 1, groups=np.array([0, -1]))
+    with pytest.raises(ValueError, match="has no key"):
+        EvidenceSums.zeros(2, 1, groups=np.array([0, 1]), group_keys=[("pacemaker", "device")])
 
 
 def test_unresolved_patterns_form_no_label_group():
