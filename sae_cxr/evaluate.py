@@ -168,8 +168,11 @@ def label_metrics(run: RunDir) -> dict[str, Any]:
                            "verification": _spread(ver)}
     ev = _read(run, LABEL_EVAL)
     if ev:
-        out["accuracy"] = {name: {k: v for k, v in d.items() if k != "per_pattern"}
-                           for name, d in ev.items() if isinstance(d, dict) and "named_correctly" in d}
+        def brief(d: dict[str, Any]) -> dict[str, Any]:
+            return {k: (brief(v) if isinstance(v, dict) and "named_correctly" in v else v)
+                    for k, v in d.items() if k != "per_pattern"}
+
+        out["accuracy"] = {name: brief(d) for name, d in ev.items() if isinstance(d, dict) and "named_correctly" in d}
     return out
 
 
@@ -451,13 +454,20 @@ def summary_markdown(m: dict[str, Any]) -> str:
     cr = m.get("patterns", {}).get("concept_recovery")
     if cr:
         lines += ["", f"## Concept recovery: {cr['recovered']}/{cr['concepts']}", "",
-                  "| concept | best pattern | AUROC | linear-probe AUROC (the embedding's ceiling) | stability |",
-                  "|---|---|---|---|---|"]
+                  "| concept | best pattern | AUROC | linear-probe AUROC (the embedding's ceiling) | stability "
+                  "| best absence pattern: 1 - AUROC |",
+                  "|---|---|---|---|---|---|"]
         for c, v in sorted(cr["per_concept"].items(), key=lambda kv: -(kv[1]["auroc"] or 0)):
             if v.get("auroc") is None:
                 continue
+            absence = f"{v['absence_pattern']}: {v['absence_auroc']:.3f}" if "absence_auroc" in v else ""
             lines.append(f"| {c} | {v['pattern']} | {v['auroc']:.3f} | {_num(v.get('probe_auroc'))} | "
-                         f"{v['stability']:.2f} |")
+                         f"{v['stability']:.2f} | {absence} |")
+        if cr.get("recovered_as_absence"):
+            lines += ["", "Recovered only as their absence (a pattern that fires where the concept is missing; "
+                      "not counted above): " + ", ".join(
+                          f"{c} (pattern {cr['per_concept'][c]['absence_pattern']}, "
+                          f"{cr['per_concept'][c]['absence_auroc']:.3f})" for c in cr["recovered_as_absence"]) + "."]
     loc = (m.get("attribution") or {}).get("localization", {})
     if loc:
         lines += ["", "## Localization against the boxes", "", "| boxes / method | n | pointing | IoBB>=0.25 | pixel AUPRC |",

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import pandas as pd
@@ -410,7 +410,17 @@ def run_patterns(run: RunDir, cfg: PatternConfig, seed: int = 0, progress: bool 
         save_file({"rows": rows, "cols": cols, "values": vals, "shape": np.array([N, P], dtype=np.int64)}, str(tmp))
     with atomic_path(run.sub(PATTERNS)) as tmp:
         table.to_parquet(tmp, index=False)
-    recovery = concept_recovery(table) if "best_concept" in table else {}
+    if "best_concept" in table:
+        rows_ok = np.flatnonzero(valid)
+        counts = dict.fromkeys(CONCEPT_NAMES, 0)
+        for i in rows_ok:
+            for c in ds.records[i].concepts:
+                if c in counts:
+                    counts[c] += 1
+        prevalence = {c: n / max(len(rows_ok), 1) for c, n in counts.items()}
+        recovery = concept_recovery(table, prevalence=prevalence)
+    else:
+        recovery = {}
     summary.update({"frequency_on_all_images_median": float(table["frequency"].median()),
                     "stability_median": float(table["stability"].median())})
     if recovery:
@@ -489,24 +499,40 @@ def pattern_table(ens, head, patterns: PatternSet, stats: LatentStats, act: np.n
     return pd.DataFrame(rows)
 
 
-def concept_recovery(table: pd.DataFrame, threshold: float = 0.9) -> dict[str, Any]:
+def concept_recovery(table: pd.DataFrame, threshold: float = 0.9, prevalence: Mapping[str, float] | None = None,
+                     absence_min_prevalence: float = 0.3) -> dict[str, Any]:
     """For every planted concept, the pattern that detects it best (AUROC over held-in images), and how
     many concepts reach `threshold`. `own` says whether that concept is also the pattern's own best
-    concept (a monosemantic match) rather than a correlate of another concept it detects better."""
+    concept (a monosemantic match) rather than a correlate of another concept it detects better.
+
+    Also the pattern that detects the concept's ABSENCE best (1 - its AUROC): a sparse code may learn
+    the rarer side of a common feature ("no laterality marker" where 60% of films carry one). With
+    `prevalence` (concept -> share of images), `recovered_as_absence` lists the concepts that only
+    their absence recovers, counted where the concept is on >= absence_min_prevalence of the images.
+    The headline `recovered` counts presence only."""
     out: dict[str, Any] = {"per_concept": {}}
     recovered = 0
+    as_absence = []
     for c in CONCEPT_NAMES:
         col = f"concept_auroc:{c}"
         if col not in table or table[col].isna().all():
             out["per_concept"][c] = {"pattern": None, "auroc": None}
             continue
         best = table.loc[table[col].idxmax()]
-        au = float(best[col])
+        worst = table.loc[table[col].idxmin()]
+        au, absence_au = float(best[col]), 1.0 - float(worst[col])
         recovered += au >= threshold
         out["per_concept"][c] = {"pattern": int(best["pattern_id"]), "auroc": round(au, 4),
                                  "own": bool(best["best_concept"] == c),
-                                 "stability": round(float(best["stability"]), 3)}
+                                 "stability": round(float(best["stability"]), 3),
+                                 "absence_pattern": int(worst["pattern_id"]), "absence_auroc": round(absence_au, 4)}
+        if (prevalence is not None and au < threshold <= absence_au
+                and prevalence.get(c, 0.0) >= absence_min_prevalence):
+            as_absence.append(c)
     out.update({"concepts": len(CONCEPT_NAMES), "recovered": int(recovered), "threshold": threshold})
+    if prevalence is not None:
+        out["recovered_as_absence"] = as_absence
+        out["prevalence"] = {c: round(float(prevalence.get(c, 0.0)), 4) for c in CONCEPT_NAMES}
     return out
 
 

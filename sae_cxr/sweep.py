@@ -62,7 +62,9 @@ def headline(m: dict[str, Any]) -> dict[str, Any]:
     acc = m.get("labels", {}).get("accuracy", {}).get("evidence", {})
     planted = m.get("shortcut", {}).get("planted", {})
     return {
-        "concept_recovery": f"{cr['recovered']}/{cr['concepts']}" if cr else None,
+        "concept_recovery": (f"{cr['recovered']}/{cr['concepts']}"
+                             + (f" (+{len(cr['recovered_as_absence'])} as absence)" if cr.get("recovered_as_absence") else "")
+                             if cr else None),
         "labeler_named": acc.get("named_correctly"), "labeler_category": acc.get("category_correct"),
         "pointing_pattern_gradcam": loc.get("with_baseline/pattern_gradcam", {}).get("pointing_game"),
         "pointing_patch_map": loc.get("with_baseline/pattern_map", {}).get("pointing_game"),

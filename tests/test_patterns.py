@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from sae_cxr.patterns import (PatternConfig, consolidate, monosemanticity_score, otsu_threshold,
+from sae_cxr.findings import CONCEPT_NAMES
+from sae_cxr.patterns import (PatternConfig, concept_recovery, consolidate, monosemanticity_score, otsu_threshold,
                               pattern_activations, seed_and_assign)
 from sae_cxr.transcoders.ensemble import EnsembleConfig, TranscoderEnsemble
 
@@ -91,3 +92,26 @@ def test_monosemanticity_score_hand_worked():
     assert monosemanticity_score(act, emb)[0] == pytest.approx(1.0)
     act2 = np.array([[1.0], [0.0], [1.0]])  # fires on orthogonal images: similarity 0
     assert monosemanticity_score(act2, emb)[0] == pytest.approx(0.0)
+
+
+def test_concept_recovery_counts_presence_and_lists_absence_apart() -> None:
+    """Three patterns. The marker is only recovered by its absence (pattern 2 ranks it worst, AUROC
+    0.05), which is listed but not counted; nodule's absence (pattern 1 at 0.02) is not listed, being
+    on 10% of films. Every other concept sits at 0.5 except cardiomegaly (pattern 0, 0.95)."""
+    import pandas as pd
+
+    au = {c: [0.5, 0.5, 0.5] for c in CONCEPT_NAMES}
+    au["cardiomegaly"] = [0.95, 0.4, 0.5]
+    au["laterality_marker"] = [0.6, 0.5, 0.05]
+    au["nodule"] = [0.5, 0.02, 0.5]
+    table = pd.DataFrame({"pattern_id": [0, 1, 2], "stability": [1.0, 0.5, 0.8],
+                          "best_concept": ["cardiomegaly", "nodule", "laterality_marker"],
+                          **{f"concept_auroc:{c}": v for c, v in au.items()}})
+    prevalence = {c: 0.1 for c in CONCEPT_NAMES} | {"laterality_marker": 0.6}
+    out = concept_recovery(table, prevalence=prevalence)
+    assert out["recovered"] == 1 and out["concepts"] == len(CONCEPT_NAMES)
+    assert out["recovered_as_absence"] == ["laterality_marker"]
+    lm = out["per_concept"]["laterality_marker"]
+    assert (lm["pattern"], lm["auroc"], lm["absence_pattern"], lm["absence_auroc"]) == (0, 0.6, 2, 0.95)
+    assert out["per_concept"]["nodule"]["absence_auroc"] == 0.98
+    assert "recovered_as_absence" not in concept_recovery(table)  # without prevalence, nothing is listed

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Mapping, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
+import numpy as np
 import pandas as pd
 
 from sae_cxr.findings import CATEGORIES, CONCEPTS, VocabPhrase
@@ -27,14 +28,59 @@ def _default_index() -> VocabularyIndex:
     return VocabularyIndex()
 
 
-def named_concept(label: PatternLabel, vocabulary: Sequence[VocabPhrase] | None = None) -> str | None:
-    """The planted concept a label names, or None (unresolved labels name nothing)."""
+NEGATIONS = ("no ", "without ", "absent ", "absence of ", "missing ")
+"""Free-text label openings that name the absence of what follows ("no pacemaker")."""
+
+
+def label_polarity(label: PatternLabel) -> str:
+    """"absent" for a label naming the absence of something ("no laterality marker"), else "present"."""
+    if "polarity" in label.evidence:
+        return str(label.evidence["polarity"])
+    text = " ".join(label.label.lower().split())
+    return "absent" if text.startswith(NEGATIONS) else "present"
+
+
+def _concept_of(label: PatternLabel, vocabulary: Sequence[VocabPhrase] | None) -> str | None:
     if label.unresolved:
         return None
     if "concept" in label.evidence:
         return label.evidence["concept"]
     index = VocabularyIndex(vocabulary) if vocabulary is not None else _default_index()
     return index.meaning(label.label).concept
+
+
+def named_concept(label: PatternLabel, vocabulary: Sequence[VocabPhrase] | None = None) -> str | None:
+    """The planted concept a label names as PRESENT, or None (unresolved labels name nothing, and
+    "no pacemaker" does not name a pacemaker pattern)."""
+    return _concept_of(label, vocabulary) if label_polarity(label) == "present" else None
+
+
+def absent_concept(label: PatternLabel, vocabulary: Sequence[VocabPhrase] | None = None) -> str | None:
+    """The planted concept a label names as ABSENT ("no laterality marker" -> laterality_marker), or None."""
+    return _concept_of(label, vocabulary) if label_polarity(label) == "absent" else None
+
+
+def absence_matches(patterns: pd.DataFrame, prevalence: Mapping[str, float], exclude: Collection[Any] = (),
+                    threshold: float = 0.9, min_prevalence: float = 0.3) -> dict[int, str]:
+    """Pattern id -> the planted concept whose ABSENCE the pattern detects: the concept its activation
+    ranks worst, when 1 - that AUROC >= threshold (columns concept_auroc:<concept> of the pattern
+    table) and the concept is on at least `min_prevalence` of the images (`prevalence`: concept ->
+    share). Below that, "fires where X is missing" describes most images and names nothing (the
+    evidence labeler's absence_min_rate). Patterns in `exclude` (matched by a presence) are left out."""
+    cols = [c for c in patterns.columns if c.startswith("concept_auroc:")
+            and prevalence.get(c.split(":", 1)[1], 0.0) >= min_prevalence]
+    if not cols:
+        return {}
+    skip = set(exclude)
+    au = patterns[cols].to_numpy(dtype=float)
+    out = {}
+    for row, pid in enumerate(patterns["pattern_id"].to_numpy()):
+        if int(pid) in skip or np.isnan(au[row]).all():
+            continue
+        j = int(np.nanargmin(au[row]))
+        if 1.0 - au[row, j] >= threshold:
+            out[int(pid)] = cols[j].split(":", 1)[1]
+    return out
 
 
 def category_confusion(true_categories: Sequence[str], predicted_categories: Sequence[str]) -> pd.DataFrame:
@@ -67,12 +113,16 @@ class LabelerAccuracy:
 
 
 def labeler_accuracy(labels: Mapping[Any, PatternLabel] | Sequence[PatternLabel], matches: Mapping[Any, str],
-                     vocabulary: Sequence[VocabPhrase] | None = None) -> LabelerAccuracy:
+                     vocabulary: Sequence[VocabPhrase] | None = None, polarity: str = "present") -> LabelerAccuracy:
     """Score labels against `matches` (pattern id -> the planted concept it best matches).
 
-    Patterns in `matches` without a label count as wrong on both counts: a labeler that skips
-    patterns must not look better for it.
+    polarity "absent": the matched patterns fire on the concept's ABSENCE, and a label names them only
+    when it names that absence ("no laterality marker"). Patterns in `matches` without a label count
+    as wrong on both counts: a labeler that skips patterns must not look better for it.
     """
+    if polarity not in ("present", "absent"):
+        raise ValueError(f"polarity must be 'present' or 'absent', got {polarity!r}")
+    name_of = named_concept if polarity == "present" else absent_concept
     by_id = dict(labels) if isinstance(labels, Mapping) else {lab.pattern_id: lab for lab in labels}
     if not matches:
         raise ValueError("no matched patterns to score: pass pattern id -> concept for the patterns that match one")
@@ -83,7 +133,7 @@ def labeler_accuracy(labels: Mapping[Any, PatternLabel] | Sequence[PatternLabel]
     for pid, concept in matches.items():
         lab = by_id.get(pid)
         true_cat = CONCEPTS[concept].category
-        named = named_concept(lab, vocabulary) if lab is not None else None
+        named = name_of(lab, vocabulary) if lab is not None else None
         rows.append({"pattern_id": pid, "concept": concept, "true_category": true_cat,
                      "label": lab.label if lab is not None else None,
                      "labeler": lab.labeler if lab is not None else None,

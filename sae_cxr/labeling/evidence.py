@@ -37,7 +37,16 @@ account. For one pattern:
    `decide_by_auroc=False` the best-scoring standing term wins.
 7. CONFIDENCE = precision * min(1, -log10(q) / full_confidence_log10_q): a label that covers its
    top images and is overwhelmingly significant scores near 1.
-8. UNRESOLVED. When no term is eligible, the label is "unresolved pattern" with confidence 0 and a
+8. ABSENCE. When no term is eligible, a pattern may still stand for something: the ABSENCE of a
+   common term. A sparse code prefers the rarer side of a common binary feature, so in a world
+   where 60% of films carry a laterality marker the dictionary learns "no marker" (fires on the
+   40% without one) rather than "marker". Such a pattern is named "no <term>" (evidence polarity
+   "absent") when a categorised term is on at least `absence_min_rate` of the other images, on at
+   most `absence_max_precision` of the top images, and DEPLETED there (one-sided Fisher lower
+   tail, BH q <= alpha). Among the `n_candidates` best depleted meanings (score (1 - precision) *
+   ln(1/OR)) the winner is the one whose presence the activation ranks WORST over all images
+   (lowest AUROC), mirroring step 6. `absence=False` turns this off.
+9. UNRESOLVED. When no term is eligible and no absence stands, the label is "unresolved pattern" with confidence 0 and a
    FALLBACK category: the category of the best-scoring categorised term with OR > 1 and nominal
    p <= fallback_p (weak evidence beats none), else `unresolved_category` ("structural": the
    variation a radiograph carries without annotation is mostly anatomy, habitus and positioning).
@@ -81,6 +90,14 @@ def fisher_greater(a: Any, b: Any, c: Any, d: Any) -> np.ndarray:
     """
     a, b, c, d = (np.asarray(x, dtype=np.int64) for x in (a, b, c, d))
     p = hypergeom.sf(a - 1, a + b + c + d, a + c, a + b)
+    return np.clip(np.where(a + b + c + d > 0, p, 1.0), 0.0, 1.0)
+
+
+def fisher_less(a: Any, b: Any, c: Any, d: Any) -> np.ndarray:
+    """One-sided (depletion) Fisher exact p-value of [[a, b], [c, d]]: P(A <= a), vectorised; equal to
+    scipy.stats.fisher_exact([[a, b], [c, d]], alternative="less")[1]."""
+    a, b, c, d = (np.asarray(x, dtype=np.int64) for x in (a, b, c, d))
+    p = hypergeom.cdf(a, a + b + c + d, a + c, a + b)
     return np.clip(np.where(a + b + c + d > 0, p, 1.0), 0.0, 1.0)
 
 
@@ -140,6 +157,13 @@ class EvidenceConfig:
     """Keep at most this many report terms (the most frequent); bounds memory on large corpora."""
     full_confidence_log10_q: float = 10.0
     """-log10(q) at which significance stops limiting confidence."""
+    absence: bool = True
+    """When no term is enriched, try naming the pattern after a common term missing from its top images."""
+    absence_min_rate: float = 0.3
+    """An absence label needs its term on at least this share of the other images (the absence of a rare
+    term says nothing: most images lack it)."""
+    absence_max_precision: float = 0.05
+    """... and on at most this share of the top images."""
     fallback_p: float = 0.1
     """Unresolved patterns take the category of the best term with nominal p <= fallback_p."""
     unresolved_category: str = "structural"
@@ -152,13 +176,15 @@ class EvidenceConfig:
             raise ValueError(f"top_k ({self.top_k}) and min_top ({self.min_top}) must be >= 1")
         if self.top_quantile is not None and not 0.0 <= self.top_quantile < 1.0:
             raise ValueError(f"top_quantile must lie in [0, 1) or be None, got {self.top_quantile}")
-        for name in ("alpha", "alpha_conditional", "fallback_p", "min_precision"):
+        for name in ("alpha", "alpha_conditional", "fallback_p", "min_precision", "absence_min_rate"):
             v = getattr(self, name)
             if not 0.0 < v <= 1.0:
                 raise ValueError(f"{name} must lie in (0, 1], got {v}")
         if self.unresolved_category not in CATEGORIES:
             raise ValueError(f"unresolved_category must be one of {', '.join(CATEGORIES)}, "
                              f"got {self.unresolved_category!r}")
+        if not 0.0 <= self.absence_max_precision < 1.0:
+            raise ValueError(f"absence_max_precision must lie in [0, 1), got {self.absence_max_precision}")
         if self.report_max_n < 1:
             raise ValueError(f"report_max_n must be >= 1, got {self.report_max_n}")
 
@@ -472,6 +498,9 @@ class EvidenceLabeler:
                     & (s.odds_ratio > 1.0) & categorised)
         candidates = self._distinct_meanings(t, self._rank(t, s, np.flatnonzero(eligible)))[: cfg.n_candidates]
         if not len(candidates):
+            absent = self._absence(pattern_id, base, t, s, acts, categorised) if cfg.absence else None
+            if absent is not None:
+                return absent
             return self._unresolved(pattern_id, base, t, s, f"no term is enriched at q <= {cfg.alpha} "
                                     f"with precision >= {cfg.min_precision} among the top {n_top} images")
 
@@ -500,7 +529,7 @@ class EvidenceLabeler:
                        f"({s.precision[winner]:.0%}) vs {rest_rate:.0%} of the other images; "
                        f"odds ratio {s.odds_ratio[winner]:.3g}, q = {s.q[winner]:.2g}.")
         evidence = {**base, "term": term.key, "kind": term.kind, "concept": m.concept,
-                    "finding": term.name if term.kind == "finding" else None,
+                    "finding": term.name if term.kind == "finding" else None, "polarity": "present",
                     "terms": self._top_terms(t, s), "explained_away": explained}
         if tie_break is not None:
             evidence["tie_break"] = {k: v for k, v in tie_break.items() if k != "winner"}
@@ -515,6 +544,51 @@ class EvidenceLabeler:
             raise ValueError(f"activations must be [n_records, n_patterns={len(pattern_ids)}], got {acts.shape}")
         t = self.table(table)
         return [self.label(pid, acts[:, j], t) for j, pid in enumerate(pattern_ids)]
+
+    def _absence(self, pattern_id: int | str, base: dict[str, Any], t: EvidenceTable, s: _Stats,
+                 acts: np.ndarray, categorised: np.ndarray) -> PatternLabel | None:
+        """"no <term>" for the common term best depleted among the top images, or None (step 8)."""
+        from sae_cxr.stats import auroc
+
+        cfg = self.config
+        n1 = s.a + s.b
+        rest_rate = np.divide(s.c, s.c + s.d, out=np.zeros(len(s.c)), where=(s.c + s.d) > 0)
+        common = categorised & (rest_rate >= cfg.absence_min_rate) & (n1 > 0)
+        if not common.any():
+            return None
+        p_less = np.ones(len(s.a))
+        idx = np.flatnonzero(common)
+        p_less[idx] = fisher_less(s.a[idx], s.b[idx], s.c[idx], s.d[idx])
+        q_less = np.ones(len(s.a))
+        q_less[idx] = benjamini_hochberg(p_less[idx])
+        ok = common & (q_less <= cfg.alpha) & (s.precision <= cfg.absence_max_precision) & (s.odds_ratio < 1.0)
+        if not ok.any():
+            return None
+        score = (1.0 - s.precision) * -np.log(s.odds_ratio)
+        order = sorted((int(j) for j in np.flatnonzero(ok)),
+                       key=lambda j: (-round(float(score[j]), 12), KIND_PRIORITY[t.terms[j].kind], t.terms[j].key))
+        candidates = self._distinct_meanings(t, order)[: cfg.n_candidates]
+        aurocs = {}
+        for j in candidates:
+            v, k = t.values(j), t.known(j)
+            aurocs[j] = auroc(v[k].astype(float), acts[k]) if 0 < v[k].sum() < k.sum() else float("nan")
+        winner = candidates[0]
+        if cfg.decide_by_auroc and len(candidates) > 1:
+            winner = min(candidates, key=lambda j: (np.nan_to_num(aurocs[j], nan=2.0), candidates.index(j)))
+        term, m = t.terms[winner], t.terms[winner].meaning
+        significance = min(1.0, -math.log10(max(q_less[winner], 1e-300)) / cfg.full_confidence_log10_q)
+        confidence = float(np.clip((1.0 - s.precision[winner]) * significance, 0.0, 1.0))
+        description = (f"Missing from the pattern's top {int(n1[winner])} images: {m.display} ({term.kind} "
+                       f"{term.name!r}) on {s.a[winner]}/{int(n1[winner])} ({s.precision[winner]:.0%}) vs "
+                       f"{rest_rate[winner]:.0%} of the other images; odds ratio {s.odds_ratio[winner]:.3g}, "
+                       f"q = {q_less[winner]:.2g} (depletion); presence AUROC of the activation "
+                       f"{aurocs[winner]:.3f}.")
+        evidence = {**base, "term": term.key, "kind": term.kind, "concept": m.concept,
+                    "finding": term.name if term.kind == "finding" else None, "polarity": "absent",
+                    "presence_auroc": {t.terms[j].key: round(float(aurocs[j]), 4) for j in candidates},
+                    "terms": self._top_terms(t, s), "explained_away": []}
+        return PatternLabel(label=f"no {m.display}", description=description, category=str(m.category),
+                            confidence=confidence, labeler="evidence", pattern_id=pattern_id, evidence=evidence)
 
     # -- helpers -------------------------------------------------------------------------------------
     @staticmethod

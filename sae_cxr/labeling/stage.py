@@ -209,7 +209,7 @@ def run_label(run: RunDir, cfg: LabelConfig, progress: bool = True) -> tuple[lis
     from sae_cxr.backbones.base import load_backbone
     from sae_cxr.extract import EmbeddingStore
     from sae_cxr.ingest import read_records_table
-    from sae_cxr.labeling.accuracy import labeler_accuracy
+    from sae_cxr.labeling.accuracy import absence_matches, labeler_accuracy
     from sae_cxr.patterns import dense_activations, load_activations, load_patterns
     from sae_cxr.pipeline import config_from_run
 
@@ -261,14 +261,21 @@ def run_label(run: RunDir, cfg: LabelConfig, progress: bool = True) -> tuple[lis
     if "best_concept" in patterns:
         matches = {int(r.pattern_id): str(r.best_concept) for r in patterns.itertuples()
                    if r.best_concept in CONCEPTS and float(r.concept_auroc) >= 0.9}
+        absent = absence_matches(patterns, concept_prevalence(table, valid), exclude=matches)
         if matches:
             for name, labels in results.items():
-                acc = labeler_accuracy({lab.pattern_id: lab for lab in labels}, matches)
+                by_id = {lab.pattern_id: lab for lab in labels}
+                acc = labeler_accuracy(by_id, matches)
                 evaluation[name] = {**acc.to_dict(), "confusion": acc.confusion.to_dict(),
                                     "per_pattern": acc.per_pattern.to_dict("records")}
                 summary[name]["named_correctly"] = round(acc.named_correctly, 3)
                 summary[name]["category_correct"] = round(acc.category_correct, 3)
                 summary[name]["matched_patterns"] = acc.n
+                if absent:
+                    ab = labeler_accuracy(by_id, absent, polarity="absent")
+                    evaluation[name]["absence"] = {**ab.to_dict(), "per_pattern": ab.per_pattern.to_dict("records")}
+                    summary[name]["absence_named_correctly"] = round(ab.named_correctly, 3)
+                    summary[name]["absence_matched_patterns"] = ab.n
     write_json_atomic(run.sub(LABEL_EVAL), evaluation)
     outputs = [LABELS, LABEL_DIR]
     if has_text:
@@ -276,6 +283,20 @@ def run_label(run: RunDir, cfg: LabelConfig, progress: bool = True) -> tuple[lis
 
         outputs += build_label_index(run, results[primary], backbone)
     return outputs, summary
+
+
+def concept_prevalence(table: pd.DataFrame, rows: np.ndarray) -> dict[str, float]:
+    """Concept -> share of the selected records (boolean mask or indices) that carry it."""
+    if "concepts" not in table:
+        return {}
+    picked = table["concepts"].to_numpy()[rows]
+    if len(picked) == 0:
+        return {}
+    counts: dict[str, int] = {}
+    for cell in picked:
+        for c in (json.loads(cell) if isinstance(cell, str) and cell else ()):
+            counts[c] = counts.get(c, 0) + 1
+    return {c: counts.get(c, 0) / len(picked) for c in CONCEPTS}
 
 
 def _median(values) -> float | None:

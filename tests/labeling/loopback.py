@@ -79,10 +79,22 @@ class ChatServer:
                     server.in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
                     reply = server.script.popleft() if server.script else None
+                counted = True
+
+                def done() -> None:
+                    # leave the in-flight count BEFORE answering: once the reply is on the wire the
+                    # client may send its next request, which must not find this one still counted
+                    nonlocal counted
+                    if counted:
+                        with server._lock:
+                            server.in_flight -= 1
+                        counted = False
+
                 try:
                     reply = reply or server.responder(req)
                     if reply.delay:
                         time.sleep(reply.delay)
+                    done()
                     payload = reply.body
                     data = (json.dumps(payload).encode() if isinstance(payload, (dict, list))
                             else payload.encode() if isinstance(payload, str) else payload or b"")
@@ -97,8 +109,7 @@ class ChatServer:
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (a timeout test): nothing to answer
                 finally:
-                    with server._lock:
-                        server.in_flight -= 1
+                    done()
 
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True

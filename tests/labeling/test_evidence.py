@@ -10,7 +10,8 @@ import pytest
 from scipy.stats import fisher_exact
 
 from sae_cxr.findings import CATEGORIES, CONCEPTS, FINDINGS
-from sae_cxr.labeling.accuracy import category_confusion, labeler_accuracy, named_concept
+from sae_cxr.labeling.accuracy import (absence_matches, absent_concept, category_confusion, label_polarity,
+                                       labeler_accuracy, named_concept)
 from sae_cxr.labeling.base import UNRESOLVED, PatternLabel
 from sae_cxr.labeling.evidence import (
     EvidenceConfig,
@@ -18,6 +19,7 @@ from sae_cxr.labeling.evidence import (
     EvidenceTable,
     benjamini_hochberg,
     fisher_greater,
+    fisher_less,
     haldane_odds_ratio,
 )
 from sae_cxr.labeling.report_terms import extract_terms
@@ -47,6 +49,10 @@ def test_odds_ratio_fisher_bh_hand_worked() -> None:
     a, b, c, d = np.array([10, 0, 7]), np.array([2, 5, 3]), np.array([20, 9, 40]), np.array([300, 100, 200])
     expected = [fisher_exact([[a[i], b[i]], [c[i], d[i]]], alternative="greater")[1] for i in range(3)]
     assert fisher_greater(a, b, c, d) == pytest.approx(expected)
+    # depletion: P(A <= 1) for [[1, 3], [3, 1]] = (C(4,0) C(4,4) + C(4,1) C(4,3)) / C(8,4) = 17/70
+    assert fisher_less(1, 3, 3, 1) == pytest.approx(17 / 70)
+    expected = [fisher_exact([[a[i], b[i]], [c[i], d[i]]], alternative="less")[1] for i in range(3)]
+    assert fisher_less(a, b, c, d) == pytest.approx(expected)
     # BH, m = 4: sorted p .01 .03 .04 .20 -> p*m/rank .04 .06 .0533 .20 -> running min from the top
     q = benjamini_hochberg([0.01, 0.04, 0.03, 0.2])
     assert q == pytest.approx([0.04, 0.16 / 3, 0.16 / 3, 0.2])
@@ -285,3 +291,54 @@ def test_a_graded_pattern_is_named_after_what_it_tracks_over_all_images() -> Non
     assert (lab.evidence["concept"], lab.category) == ("cardiomegaly", "cardiac")
     assert lab.evidence["tie_break"]["by"] == "auroc"
     assert EvidenceLabeler(EvidenceConfig(decide_by_auroc=False)).label("hf", acts, df).evidence["concept"] == "edema"
+
+
+# -- absence ----------------------------------------------------------------------------------------
+def test_a_pattern_of_a_common_features_absence_is_named_no_x(world, labeler) -> None:
+    """Half the films carry a laterality marker; the pattern fires on the ones WITHOUT it (the sparse
+    side a dictionary prefers). Nothing is enriched among its top images, but the marker is missing
+    from all of them: "no laterality marker", not "unresolved"."""
+    df, truth = world
+    rng = np.random.default_rng(2)
+    marker = truth["laterality_marker"]
+    acts = np.where(~marker, 1.0 + 0.3 * rng.random(len(df)), 0.0)
+    lab = labeler.label("nomarker", acts, df)
+    assert lab.label == "no laterality marker" and lab.category == "artifact" and not lab.unresolved
+    assert lab.evidence["polarity"] == "absent" and lab.evidence["concept"] == "laterality_marker"
+    assert lab.evidence["presence_auroc"]["concept:laterality_marker"] < 0.05
+    assert label_polarity(lab) == "absent" and named_concept(lab) is None
+    assert absent_concept(lab) == "laterality_marker" and lab.confidence > 0.9
+    off = EvidenceLabeler(EvidenceConfig(absence=False)).label("nomarker", acts, df)
+    assert off.unresolved
+    # the absence of a RARE term is no name: a pattern silent on the 10% with a nodule stays unresolved
+    rare = np.where(~truth["nodule"], 1.0 + 0.3 * rng.random(len(df)), 0.0)
+    assert labeler.label("nonodule", rare, df).unresolved
+    # an enriched term always wins over an absence: the pacemaker pattern is still "pacemaker"
+    pm = labeler.label("pm", pattern_on(truth["pacemaker"]), df)
+    assert label_polarity(pm) == "present" and pm.evidence["concept"] == "pacemaker"
+
+
+def test_absence_accuracy_and_matches() -> None:
+    no_marker = PatternLabel("no laterality marker", "d", "artifact", 0.9, labeler="evidence", pattern_id=1,
+                             evidence={"concept": "laterality_marker", "polarity": "absent"})
+    free_text = PatternLabel("No pacemaker visible", "d", "device", 0.5, labeler="lmm", pattern_id=2)
+    marker = PatternLabel("laterality marker", "d", "artifact", 0.9, labeler="evidence", pattern_id=3,
+                          evidence={"concept": "laterality_marker", "polarity": "present"})
+    assert label_polarity(free_text) == "absent" and absent_concept(free_text) == "pacemaker"
+    # a presence match is not named by the absence of the same concept, and vice versa
+    pres = labeler_accuracy([no_marker, marker], {1: "laterality_marker", 3: "laterality_marker"})
+    assert pres.named_correctly == pytest.approx(0.5) and pres.category_correct == 1.0
+    absn = labeler_accuracy([no_marker, free_text, marker], {1: "laterality_marker", 2: "pacemaker",
+                                                            3: "laterality_marker"}, polarity="absent")
+    assert absn.per_pattern["named"].tolist() == [True, True, False]
+    with pytest.raises(ValueError, match="polarity"):
+        labeler_accuracy([marker], {3: "laterality_marker"}, polarity="negative")
+    # matches: pattern 10 ranks the marker worst (AUROC 0.04 -> absence 0.96) and the marker is common;
+    # pattern 11's worst concept is rare nodule (absence of something on 10% of films names nothing);
+    # pattern 12 already matches a presence
+    table = pd.DataFrame({"pattern_id": [10, 11, 12], "concept_auroc:laterality_marker": [0.04, 0.5, 0.02],
+                          "concept_auroc:nodule": [0.5, 0.05, 0.99]})
+    prevalence = {"laterality_marker": 0.6, "nodule": 0.1}
+    assert absence_matches(table, prevalence, exclude={12}) == {10: "laterality_marker"}
+    assert absence_matches(table, prevalence, exclude={12}, min_prevalence=0.05) == {
+        10: "laterality_marker", 11: "nodule"}
