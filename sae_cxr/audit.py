@@ -37,6 +37,10 @@ class EvidenceSums:
     group_keys: list[tuple[str, str]] | None = None  # [G] (label, category) of each group
     group_net: np.ndarray | None = None  # [G, C] sum over images of the group's summed term
     group_square: np.ndarray | None = None  # [G, C] sum over images of its square
+    pos_net: np.ndarray | None = None  # [P, C] sum of signed contributions over images labelled positive
+    neg_net: np.ndarray | None = None  # [P, C] ... over images labelled negative (unknown labels: neither)
+    n_pos: np.ndarray | None = None  # [C] images labelled positive
+    n_neg: np.ndarray | None = None  # [C] images labelled negative
 
     def __post_init__(self) -> None:
         if not (self.net.shape == self.magnitude.shape == self.n_active.shape == self.square.shape):
@@ -56,19 +60,38 @@ class EvidenceSums:
                 self.group_net, self.group_square = np.zeros(shape), np.zeros(shape)
             if self.group_net.shape != shape or self.group_square is None or self.group_square.shape != shape:
                 raise ValueError(f"group sums must have shape {shape}")
+        by_label = [v is None for v in (self.pos_net, self.neg_net, self.n_pos, self.n_neg)]
+        if any(by_label) and not all(by_label):
+            raise ValueError("pos_net, neg_net, n_pos and n_neg come together (zeros(..., by_label=True))")
+        if self.pos_net is not None and not (self.pos_net.shape == self.neg_net.shape == self.net.shape
+                                             and self.n_pos.shape == self.n_neg.shape == self.net.shape[1:]):
+            raise ValueError("label-split sums must have the [P, C] and [C] shapes of net")
 
     @classmethod
     def zeros(cls, n_patterns: int, n_findings: int, groups: np.ndarray | None = None,
-              group_keys: Sequence[tuple[str, str]] | None = None) -> "EvidenceSums":
-        """Empty sums; `groups`/`group_keys` as `label_groups` returns them."""
+              group_keys: Sequence[tuple[str, str]] | None = None, by_label: bool = False) -> "EvidenceSums":
+        """Empty sums; `groups`/`group_keys` as `label_groups` returns them; `by_label`: also split the
+        sums by the images' finding labels (then `add` needs the labels), for `separation`."""
         z = np.zeros((n_patterns, n_findings))
         g = None if groups is None else np.asarray(groups, dtype=np.int64)
         keys = None if group_keys is None else list(group_keys)
+        split = dict(pos_net=z.copy(), neg_net=z.copy(), n_pos=np.zeros(n_findings, dtype=np.int64),
+                     n_neg=np.zeros(n_findings, dtype=np.int64)) if by_label else {}
         return cls(z, z.copy(), np.zeros((n_patterns, n_findings), dtype=np.int64), z.copy(), groups=g,
-                   group_keys=keys)
+                   group_keys=keys, **split)
 
-    def add(self, contributions: np.ndarray) -> None:
-        """Accumulate a batch of decompositions: contributions [B, P, C]."""
+    def add(self, contributions: np.ndarray, labels: np.ndarray | None = None) -> None:
+        """Accumulate a batch of decompositions: contributions [B, P, C], and with label-split sums the
+        images' labels [B, C] (1, 0 or NaN = unknown)."""
+        if self.pos_net is not None:
+            if labels is None or np.shape(labels) != (contributions.shape[0], contributions.shape[2]):
+                raise ValueError(f"these sums are split by label: pass labels of shape "
+                                 f"{(contributions.shape[0], contributions.shape[2])}")
+            pos, neg = (np.asarray(labels) == 1).astype(float), (np.asarray(labels) == 0).astype(float)
+            self.pos_net += np.einsum("bpc,bc->pc", contributions, pos)
+            self.neg_net += np.einsum("bpc,bc->pc", contributions, neg)
+            self.n_pos += pos.sum(0).astype(np.int64)
+            self.n_neg += neg.sum(0).astype(np.int64)
         self.net += contributions.sum(0)
         self.magnitude += np.abs(contributions).sum(0)
         self.n_active += (contributions != 0).sum(0)
@@ -94,6 +117,24 @@ class EvidenceSums:
         if self.groups is not None:
             self.group_net += other.group_net
             self.group_square += other.group_square
+        if (self.pos_net is None) != (other.pos_net is None):
+            raise ValueError("cannot merge evidence sums split by label with sums that are not")
+        if self.pos_net is not None:
+            self.pos_net += other.pos_net
+            self.neg_net += other.neg_net
+            self.n_pos += other.n_pos
+            self.n_neg += other.n_neg
+
+    def separation(self) -> np.ndarray:
+        """[P, C] mean term over positive images minus mean term over negative ones (logit units): how
+        much of the margin between the classes the pattern supplies. Unlike the swing it has a
+        direction, and a term that varies without separating anything (cancelled elsewhere, or
+        unrelated to the label) scores near 0. NaN where a class has no image."""
+        if self.pos_net is None:
+            raise ValueError("these evidence sums were accumulated without labels (zeros(..., by_label=True))")
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where((self.n_pos > 0) & (self.n_neg > 0), self.pos_net / self.n_pos - self.neg_net / self.n_neg,
+                            np.nan)
 
     def swing(self) -> np.ndarray:
         """[P, C] standard deviation over images of the pattern's term (logit units): how much the
@@ -147,11 +188,12 @@ class FindingAudit:
     patterns: pd.DataFrame
     """Device/artifact patterns, largest swing first: pattern_id, label, category, swing (std over images
     of the pattern's term), mean (mean term), evidence (sum of |contribution|), share (evidence /
-    total_evidence), n_active."""
+    total_evidence), n_active, separation (mean term on positives minus on negatives; NaN when the
+    sums carry no labels)."""
     groups: pd.DataFrame | None = None
     """The same patterns grouped by label, largest group swing first: label, category, n_patterns,
-    pattern_ids, swing (std over images of the group's summed term), mean, evidence, share. None when
-    the sums were accumulated without groups."""
+    pattern_ids, swing (std over images of the group's summed term), mean, evidence, share, separation
+    (the sum of its patterns'). None when the sums were accumulated without groups."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.nuisance_share <= 1.0 + 1e-9:
@@ -168,8 +210,9 @@ def audit_finding(sums: EvidenceSums, c: int, labels: pd.DataFrame, finding: str
     while a shortcut moves the logit exactly on the images that carry its nuisance."""
     P = sums.net.shape[0]
     n = max(sums.n_images, 1)
+    sep = sums.separation()[:, c] if sums.pos_net is not None else np.full(P, np.nan)
     ev = pd.DataFrame({"swing": sums.swing()[:, c], "mean": sums.net[:, c] / n, "evidence": sums.magnitude[:, c],
-                       "n_active": sums.n_active[:, c]}, index=pd.RangeIndex(P, name="pattern_id"))
+                       "n_active": sums.n_active[:, c], "separation": sep}, index=pd.RangeIndex(P, name="pattern_id"))
     total = float(ev["evidence"].sum())
     ev = ev.join(labels[["label", "category"]], how="left")
     ev["category"] = ev["category"].fillna("unlabelled")
@@ -188,13 +231,13 @@ def audit_finding(sums: EvidenceSums, c: int, labels: pd.DataFrame, finding: str
                 continue
             rows.append({"label": label, "category": category, "n_patterns": len(ids), "pattern_ids": ids.tolist(),
                          "swing": float(gs[g]), "mean": float(sums.group_net[g, c] / n), "evidence": evid,
-                         "share": evid / total if total > 0 else 0.0})
+                         "share": evid / total if total > 0 else 0.0, "separation": float(np.sum(sep[ids]))})
         grouped = pd.DataFrame(rows, columns=["label", "category", "n_patterns", "pattern_ids", "swing", "mean",
-                                              "evidence", "share"])
+                                              "evidence", "share", "separation"])
         grouped = grouped.iloc[np.argsort(-grouped["swing"].to_numpy(), kind="stable")].reset_index(drop=True)
     return FindingAudit(finding=finding, n_images=sums.n_images, total_evidence=total, nuisance_share=share,
                         patterns=nuis.reset_index()[["pattern_id", "label", "category", "swing", "mean", "evidence",
-                                                     "share", "n_active"]], groups=grouped)
+                                                     "share", "n_active", "separation"]], groups=grouped)
 
 
 @dataclass
@@ -238,9 +281,10 @@ def evidence_sums(run: RunDir, splits: Sequence[str], batch_size: int = 512,
     attr = Attributor(load_ensemble(run), load_head(run), arrays["latent_pattern"])
     x = store.features()
     groups, keys = label_groups(labels, attr.n_patterns) if labels is not None else (None, None)
-    sums = EvidenceSums.zeros(attr.n_patterns, len(FINDINGS), groups=groups, group_keys=keys)
+    sums = EvidenceSums.zeros(attr.n_patterns, len(FINDINGS), groups=groups, group_keys=keys, by_label=True)
+    y = np.stack([ds.records[i].labels for i in rows]) if len(rows) else np.zeros((0, len(FINDINGS)))
     for s in range(0, len(rows), batch_size):
-        sums.add(attr.decompose(x[rows[s:s + batch_size]]).contributions)
+        sums.add(attr.decompose(x[rows[s:s + batch_size]]).contributions, y[s:s + batch_size])
     return sums
 
 
@@ -272,12 +316,16 @@ def shortcut_rank(audit: FindingAudit, truth_ids: np.ndarray) -> int | None:
     return int(where[0]) + 1 if len(where) else None
 
 
-def shortcut_group_rank(audit: FindingAudit, truth_ids: np.ndarray) -> int | None:
-    """1-based rank, among the finding's device/artifact label groups, of the group holding the most
-    true shortcut patterns (ties: the higher ranked); None when no group holds one."""
+def shortcut_group_rank(audit: FindingAudit, truth_ids: np.ndarray, by: str = "swing") -> int | None:
+    """1-based rank, among the finding's device/artifact label groups ordered by `by` (swing, as the
+    audit ranks them, or separation), of the group holding the most true shortcut patterns (ties: the
+    higher ranked); None when no group holds one."""
     if audit.groups is None:
         raise ValueError("this audit was computed without label groups")
-    hits = np.array([np.isin(ids, truth_ids).sum() for ids in audit.groups["pattern_ids"]], dtype=np.int64)
+    groups = audit.groups
+    if by != "swing":
+        groups = groups.iloc[np.argsort(-groups[by].fillna(-np.inf).to_numpy(), kind="stable")]
+    hits = np.array([np.isin(ids, truth_ids).sum() for ids in groups["pattern_ids"]], dtype=np.int64)
     if not len(hits) or hits.max() == 0:
         return None
     return int(np.argmax(hits)) + 1

@@ -228,6 +228,7 @@ def shortcut_metrics(run: RunDir, cfg: EvalConfig, classifier: dict[str, Any]) -
     fa = audit.findings.get(sc.finding)
     rank = shortcut_rank(fa, truth) if fa is not None else None
     group_rank = shortcut_group_rank(fa, truth) if fa is not None else None
+    separation_rank = shortcut_group_rank(fa, truth, by="separation") if fa is not None else None
     shift = {}
     if "test" in classifier and "test_shifted" in classifier:
         a0, a1 = classifier["test"][sc.finding]["auroc"], classifier["test_shifted"][sc.finding]["auroc"]
@@ -236,7 +237,7 @@ def shortcut_metrics(run: RunDir, cfg: EvalConfig, classifier: dict[str, Any]) -
     reliance = shortcut_reliance(run, sc.nuisance, sc.finding)
     out["planted"] = {"shortcut": str(sc), "nuisance": sc.nuisance, "finding": sc.finding, "reliance": reliance,
                       "truth_patterns": truth.tolist(), "pattern_rank": rank, "rank": group_rank,
-                      "found": group_rank == 1,
+                      "separation_rank": separation_rank, "found": group_rank == 1,
                       "finding_rank_by_nuisance_share": 1 + [a.finding for a in audit.ranked()].index(sc.finding)
                       if fa is not None else None, **shift}
     return out
@@ -420,7 +421,7 @@ def _plots(run: RunDir, m: dict[str, Any]) -> list[str]:
 
 
 def _num(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:.3f}"
+    return "n/a" if v is None or v != v else f"{v:.3f}"
 
 
 def _ci_cell(v: dict[str, Any] | None) -> str:
@@ -501,7 +502,15 @@ def summary_markdown(m: dict[str, Any]) -> str:
                   f"({'found' if p['found'] else 'not found'}) and its best single pattern ranks "
                   f"{p.get('pattern_rank')}; "
                   f"the classifier's reliance on it: {_num(p.get('reliance'))} logit on test_shifted; "
-                  f"AUROC test {_num(p.get('auroc_test'))} -> test_shifted {_num(p.get('auroc_test_shifted'))}."]
+                  f"AUROC test {_num(p.get('auroc_test'))} -> test_shifted {_num(p.get('auroc_test_shifted'))}. "
+                  f"Ranked by separation (the margin between {p['finding']} positives and negatives that a label's "
+                  f"patterns supply) instead of swing, the label ranks {p.get('separation_rank')}."]
+        groups = (sc.get("top_nuisance_labels") or {}).get(p["finding"]) or []
+        if groups:
+            lines += ["", f"| device/artifact label on {p['finding']} | patterns | swing (logit) | separation (logit) "
+                      "| share of evidence |", "|---|---|---|---|---|"]
+            lines += [f"| {g['label']} | {g['n_patterns']} | {g['swing']:.3f} | {_num(g.get('separation'))} | "
+                      f"{g['share']:.3f} |" for g in groups]
     if sc.get("nuisance_share"):
         lines += ["", "| finding | device/artifact share of evidence |", "|---|---|"]
         lines += [f"| {f} | {v:.3f} |" for f, v in sc["nuisance_share"].items()]

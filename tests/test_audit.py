@@ -102,3 +102,40 @@ def test_unresolved_patterns_form_no_label_group():
                           index=pd.Index([0, 1, 2], name="pattern_id"))
     groups, keys = label_groups(labels, 3)
     assert groups.tolist() == [-1, -1, 0] and keys == [("pacemaker", "device")]
+
+
+def test_separation_is_the_margin_a_term_supplies_between_the_classes():
+    """Four images labelled [1, 1, 0, NaN] on one finding. Pattern 0 (text) swings [2, -2, 2, -2]
+    without separating: positives mean 0, the negative 2 -> separation -2. Pattern 1 (marker) pushes
+    [1, 1, 0, 0]: positives mean 1, negative 0 -> +1, though its swing (0.5) is the smaller. The
+    unknown label (image 3) counts in the swing but in neither class."""
+    c = np.zeros((4, 2, 1))
+    c[:, 0, 0] = [2.0, -2.0, 2.0, -2.0]
+    c[:, 1, 0] = [1.0, 1.0, 0.0, 0.0]
+    y = np.array([[1.0], [1.0], [0.0], [np.nan]])
+    sums = EvidenceSums.zeros(2, 1, groups=np.array([0, 1]), group_keys=[("burned-in text", "artifact"),
+                                                                          ("laterality marker", "artifact")],
+                              by_label=True)
+    sums.add(c[:2], y[:2])
+    part = EvidenceSums.zeros(2, 1, groups=sums.groups, group_keys=sums.group_keys, by_label=True)
+    part.add(c[2:], y[2:])
+    sums.merge(part)
+    assert sums.n_pos.tolist() == [2] and sums.n_neg.tolist() == [1]
+    assert sums.separation()[:, 0].tolist() == pytest.approx([-2.0, 1.0])
+    labels = pd.DataFrame({"label": ["burned-in text", "laterality marker"], "category": ["artifact", "artifact"]},
+                          index=pd.Index([0, 1], name="pattern_id"))
+    a = audit_finding(sums, 0, labels, "Pleural Effusion")
+    assert a.groups["label"].tolist() == ["burned-in text", "laterality marker"]  # by swing: 2 vs 0.5
+    assert a.groups["separation"].tolist() == pytest.approx([-2.0, 1.0])
+    assert shortcut_group_rank(a, np.array([1])) == 2
+    assert shortcut_group_rank(a, np.array([1]), by="separation") == 1
+    with pytest.raises(ValueError, match="pass labels of shape"):
+        sums.add(c)
+    with pytest.raises(ValueError, match="without labels"):
+        EvidenceSums.zeros(2, 1).separation()
+    with pytest.raises(ValueError, match="split by label with sums that are not"):
+        EvidenceSums.zeros(2, 1).merge(EvidenceSums.zeros(2, 1, by_label=True))
+    # a class without images leaves the separation undefined, not 0
+    lone = EvidenceSums.zeros(2, 1, by_label=True)
+    lone.add(c[:2], y[:2])
+    assert np.isnan(lone.separation()).all()
