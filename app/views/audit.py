@@ -45,6 +45,16 @@ def body() -> None:
 
     if st.toggle("Full-decomposition audit, as in the batch report (every image of the split, patterns ranked "
                  "by swing; takes a few seconds the first time)", key="audit_full"):
+        labels = ak.data("full_audit_labels", run, split)
+        st.caption("Labels: the patterns that share a label, summed image by image (an image-wide artifact is "
+                   "often split over many patterns). Swing: the spread of the summed term over images (what the "
+                   "planted-shortcut grade ranks by). Separation: its mean on the finding's positives minus "
+                   "negatives, the margin it supplies; a term that swings but is cancelled elsewhere has none.")
+        st.dataframe(labels, hide_index=True, width="stretch", key="audit_full_labels", column_config={
+            "swing": st.column_config.NumberColumn("swing (logit)", format="%.3f"),
+            "separation": st.column_config.NumberColumn("separation (logit)", format="%+.3f"),
+            "share": st.column_config.NumberColumn("share of evidence", format="percent"),
+            "planted": st.column_config.CheckboxColumn("holds the planted shortcut")})
         full = ak.data("full_audit", run, split)
         ranks = full.dropna(subset=["planted_rank"])
         if audit.planted and len(ranks):
@@ -53,6 +63,7 @@ def body() -> None:
         st.dataframe(full, hide_index=True, width="stretch", column_config={
             "nuisance_share": st.column_config.NumberColumn("finding's device/artifact share", format="percent"),
             "swing": st.column_config.NumberColumn("swing (std of its term)", format="%.3f"),
+            "separation": st.column_config.NumberColumn("separation", format="%+.3f"),
             "mean": st.column_config.NumberColumn("mean term", format="%+.3f"),
             "share": st.column_config.NumberColumn("share of evidence", format="percent"),
             "planted_rank": st.column_config.NumberColumn("planted rank", format="%d")})

@@ -178,9 +178,13 @@ def test_audit_ranks_device_and_artifact_evidence_and_marks_the_planted_shortcut
     assert at.selectbox(key="audit_finding").value in FINDINGS
     at.toggle(key="audit_full").set_value(True).run()  # the batch report's full-decomposition view
     assert_clean(at)
-    full = next(d.value for d in at.dataframe if "swing" in d.value.columns)
+    full = next(d.value for d in at.dataframe if "pattern_id" in d.value.columns and "swing" in d.value.columns)
     assert set(full["finding"]) <= set(FINDINGS) and len(full) > 0
-    assert full["category"].isin(["device", "artifact"]).all()
+    assert full["category"].isin(["device", "artifact"]).all() and "separation" in full.columns
+    labels = next(d.value for d in at.dataframe if "planted" in d.value.columns)
+    cardio = labels[labels["finding"] == "Cardiomegaly"]
+    assert list(cardio["swing"]) == sorted(cardio["swing"], reverse=True)
+    assert cardio["planted"].iloc[0] and cardio["label"].iloc[0] == "pacemaker"  # the graded view finds it
     at.toggle(key="audit_full").set_value(False).run()
     at.selectbox(key="audit_split").set_value("all").run()  # every attributed split together
     assert_clean(at)
