@@ -215,10 +215,8 @@ def shortcut_metrics(run: RunDir, cfg: EvalConfig, classifier: dict[str, Any]) -
     audit = audit_run(run, cfg.audit_splits)
     out: dict[str, Any] = {"splits": list(cfg.audit_splits),
                            "nuisance_share": {a.finding: round(a.nuisance_share, 4) for a in audit.ranked()},
-                           "top_nuisance_patterns": {
-                               a.finding: a.patterns.head(5).round(4).to_dict(orient="records") for a in audit.ranked()},
-                           "top_nuisance_labels": {
-                               a.finding: a.groups.head(5).round(4).to_dict(orient="records") for a in audit.ranked()}}
+                           "top_nuisance_patterns": {a.finding: _records(a.patterns.head(5)) for a in audit.ranked()},
+                           "top_nuisance_labels": {a.finding: _records(a.groups.head(5)) for a in audit.ranked()}}
     world = _world(run)
     if not world or not world.get("shortcut"):
         return out
@@ -241,6 +239,12 @@ def shortcut_metrics(run: RunDir, cfg: EvalConfig, classifier: dict[str, Any]) -
                       "finding_rank_by_nuisance_share": 1 + [a.finding for a in audit.ranked()].index(sc.finding)
                       if fa is not None else None, **shift}
     return out
+
+
+def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
+    """Rows as JSON-safe dicts, numbers to 4 decimals, NaN (an undefined separation) as null."""
+    df = df.round(4)
+    return df.astype(object).where(df.notna(), None).to_dict(orient="records")
 
 
 def shortcut_reliance(run: RunDir, nuisance: str, finding: str) -> float | None:

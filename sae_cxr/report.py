@@ -923,14 +923,14 @@ class _Audit:
         from sae_cxr.audit import EvidenceSums
 
         C = len(FINDINGS)
-        self.sums = EvidenceSums.zeros(P, C, groups=groups, group_keys=group_keys)
+        self.sums = EvidenceSums.zeros(P, C, groups=groups, group_keys=group_keys, by_label=True)
         self.pos_support = np.zeros(C)
         self.pos_support_nuisance = np.zeros(C)
         self.n_pos = np.zeros(C, dtype=np.int64)
         self.carried = np.zeros(C, dtype=np.int64)
 
-    def add(self, ctx: _Context, contributions: np.ndarray, docs: Sequence[_ImageDoc]) -> None:
-        self.sums.add(contributions)  # [B, P, C]
+    def add(self, ctx: _Context, contributions: np.ndarray, docs: Sequence[_ImageDoc], labels: np.ndarray) -> None:
+        self.sums.add(contributions, labels)  # [B, P, C], the images' finding labels [B, C]
         for b, doc in enumerate(docs):
             for c, f in enumerate(FINDINGS):
                 if doc.explanations[f][ctx.audiences[0]].decision:
@@ -981,7 +981,9 @@ class _Audit:
                 if len(grouped):
                     g = grouped.iloc[0]
                     top_label = {"label": g["label"], "category": g["category"], "patterns": int(g["n_patterns"]),
-                                 "swing": float(g["swing"]), "share": float(g["share"])}
+                                 "swing": float(g["swing"]),
+                                 "separation": float(g["separation"]) if np.isfinite(g["separation"]) else None,
+                                 "share": float(g["share"])}
             out.append({
                 "finding": f,
                 "device_share": share(ctx.device, c, tot),
@@ -1003,8 +1005,10 @@ def _top_label_cell(row: dict[str, Any]) -> str:
     t = row.get("top_nuisance_label")
     if not t:
         return "–"
+    sep = t.get("separation")
+    sep_text = "" if sep is None else f", separation {sep:+.3f}"
     return (f'{_esc(t["label"])} {_cat_chip(t["category"])} <span class="meta">{t["patterns"]} pattern'
-            f'{"s" if t["patterns"] != 1 else ""}, swing {t["swing"]:.3f} logit</span>')
+            f'{"s" if t["patterns"] != 1 else ""}, swing {t["swing"]:.3f} logit{sep_text}</span>')
 
 
 def _top_patterns(ctx: _Context, limit: int, max_rank: int) -> list[dict[str, Any]]:
@@ -1174,7 +1178,7 @@ def _index_html(ctx: _Context, info: dict[str, Any], metrics: dict[str, Any], au
     o.append('<table><tr><th>finding</th><th class="n">device</th><th class="n">artifact</th>'
              '<th class="n">support in positive calls</th><th class="n">positive calls</th>'
              '<th class="n">shortcut predictions</th><th class="n">unnamed</th><th>strongest nuisance pattern</th>'
-             '<th>strongest nuisance label (patterns, swing)</th></tr>')
+             '<th>strongest nuisance label (patterns, swing, separation)</th></tr>')
     for r in audit:
         t = r["top_nuisance_pattern"]
         sup = r["nuisance_share_of_support_in_positive_calls"]
@@ -1521,7 +1525,7 @@ class _PageBuilder:
                     raise RunError(f"the attribution tables of {run.path} do not match its classifier and "
                                    f"transcoders (logits differ by {worst_logit:.3g}); rerun `sae-cxr attribute "
                                    f"--run {run.path} --force`")
-                audit.add(ctx, full.contributions, docs)
+                audit.add(ctx, full.contributions, docs, np.stack([ctx.records[rid].labels for rid in ids]))
                 writers.write(long_cols)
                 css = "".join(f".{k}{{background-image:url(data:image/png;base64,{v})"
                               + (f";background-size:100% {100 * sizes[k]}%" if k in sizes else "") + "}"

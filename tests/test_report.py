@@ -283,6 +283,7 @@ def test_report_html_opens_offline_with_a_section_per_image(folder_run):
             top = fa.groups.iloc[0]
             assert (t["label"], t["category"], t["patterns"]) == (top["label"], top["category"], top["n_patterns"])
             assert t["swing"] == pytest.approx(top["swing"], rel=1e-6, abs=1e-9)
+            assert t["separation"] == pytest.approx(top["separation"], rel=1e-6, abs=1e-9, nan_ok=True)
     assert compared >= 1  # the fixture's world has device/artifact labels on the test split
 
 
