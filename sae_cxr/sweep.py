@@ -33,8 +33,11 @@ WORLDS: tuple[World, ...] = (
     World("text-marker", seed=11, size=160, prevalence_scale=0.7, shortcut="burned_in_text:Consolidation:0.9"),
     World("artifact", seed=23, size=96, prevalence_scale=1.4, shortcut="low_exposure:Edema:0.9"),
     World("device-2", seed=37, size=128, prevalence_scale=1.0, shortcut="central_line:Atelectasis:0.9"),
+    World("marker", seed=51, size=112, prevalence_scale=1.0, shortcut="laterality_marker:Pleural Effusion:0.9"),
 )
-"""The default worlds: the demo's, then one per kind of shortcut and a second device on another finding."""
+"""The default worlds: the demo's, then one per kind of shortcut, a second device on another finding, and a
+nuisance that is common without the shortcut (a laterality marker, on about half of all films) planted on
+a finding the classifier sees perfectly anyway."""
 
 HEADLINE = ("concept_recovery", "labeler_named", "labeler_category", "pointing_pattern_gradcam",
             "pointing_patch_map", "pointing_logit_gradcam",

@@ -1,6 +1,6 @@
 """Run the whole pipeline at its defaults on several phantom worlds and print the per-world table.
 
-    python scripts/eval_sweep.py --out artifacts/sweep            # the four default worlds
+    python scripts/eval_sweep.py --out artifacts/sweep            # the five default worlds
     python scripts/eval_sweep.py --out artifacts/sweep --worlds demo artifact --n 3000
 
 Each world lands in OUT/<world> (a normal run directory: open it in the dashboard); the table is
