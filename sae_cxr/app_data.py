@@ -873,10 +873,15 @@ def nuisance_audit(run: RunDir, split: str = "test") -> Audit:
                  planted=str(planted) if planted is not None else None, planted_rank=rank)
 
 
-def full_audit(run: RunDir, split: str = "test", top: int = 5) -> pd.DataFrame:
-    """The batch report's audit (`sae_cxr.audit`: full decompositions of every image of the split, device
-    and artifact patterns ranked by swing) as one row per finding and top pattern, with the rank of the
-    planted shortcut's patterns on a phantom run (shortcut_rank, phantom ground truth)."""
+def full_audit(run: RunDir, split: str = "test", top: int = 5) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The batch report's audit (`sae_cxr.audit`: full decompositions of every image of the split), computed
+    once and shown two ways:
+
+    - patterns: per finding, the top device/artifact patterns ranked by swing, with their separation and
+      the rank of the planted shortcut's patterns on a phantom run (planted_rank, phantom ground truth);
+    - labels: the graded view, per finding the device/artifact LABELS (patterns sharing a label summed
+      image by image) ranked by swing, with their separation (mean term on the finding's positives
+      minus negatives) and whether the label holds the planted shortcut's patterns (planted)."""
     from sae_cxr.audit import audit_run, shortcut_patterns, shortcut_rank
     from sae_cxr.patterns import load_patterns
 
@@ -889,45 +894,23 @@ def full_audit(run: RunDir, split: str = "test", top: int = 5) -> pd.DataFrame:
             truth = shortcut_patterns(load_patterns(run)[0], planted.nuisance)
         except ValueError:
             truth = None
-    rows = []
+    patterns, labels = [], []
     for fa in audit.ranked():
-        rank = shortcut_rank(fa, truth) if truth is not None and planted.finding == fa.finding else None
+        on_planted = truth is not None and planted.finding == fa.finding
+        rank = shortcut_rank(fa, truth) if on_planted else None
         for i, r in enumerate(fa.patterns.head(top).itertuples()):
-            rows.append({"finding": fa.finding, "nuisance_share": fa.nuisance_share, "rank": i + 1,
-                         "pattern_id": int(r.pattern_id), "label": r.label, "category": r.category,
-                         "swing": float(r.swing), "separation": float(r.separation), "mean": float(r.mean),
-                         "share": float(r.share), "images": int(r.n_active), "planted_rank": rank})
-    return pd.DataFrame(rows)
-
-
-def full_audit_labels(run: RunDir, split: str = "test", top: int = 5) -> pd.DataFrame:
-    """The graded view of the full-decomposition audit: per finding, the device/artifact LABELS (patterns
-    sharing a label summed image by image) ranked by swing, with their separation (mean term on the
-    finding's positives minus negatives) and, on a phantom run, whether the label holds the planted
-    shortcut's patterns (planted)."""
-    from sae_cxr.audit import audit_run, shortcut_patterns
-    from sae_cxr.patterns import load_patterns
-
-    splits = tuple(sorted(set(stored_predictions(run)["split"]))) if split == "all" else (split,)
-    audit = audit_run(run, splits)
-    planted = planted_shortcut(run)
-    truth = None
-    if planted is not None:
-        try:
-            truth = shortcut_patterns(load_patterns(run)[0], planted.nuisance)
-        except ValueError:
-            truth = None
-    rows = []
-    for fa in audit.ranked():
+            patterns.append({"finding": fa.finding, "nuisance_share": fa.nuisance_share, "rank": i + 1,
+                             "pattern_id": int(r.pattern_id), "label": r.label, "category": r.category,
+                             "swing": float(r.swing), "separation": float(r.separation), "mean": float(r.mean),
+                             "share": float(r.share), "images": int(r.n_active), "planted_rank": rank})
         if fa.groups is None:
             continue
         for i, g in enumerate(fa.groups.head(top).itertuples()):
-            hit = bool(truth is not None and planted.finding == fa.finding and np.isin(g.pattern_ids, truth).any())
-            rows.append({"finding": fa.finding, "rank": i + 1, "label": g.label, "category": g.category,
-                         "patterns": int(g.n_patterns), "swing": float(g.swing), "separation": float(g.separation),
-                         "share": float(g.share), "planted": hit})
-    return pd.DataFrame(rows, columns=["finding", "rank", "label", "category", "patterns", "swing", "separation",
-                                       "share", "planted"])
+            labels.append({"finding": fa.finding, "rank": i + 1, "label": g.label, "category": g.category,
+                           "patterns": int(g.n_patterns), "swing": float(g.swing), "separation": float(g.separation),
+                           "share": float(g.share), "planted": bool(on_planted and np.isin(g.pattern_ids, truth).any())})
+    return pd.DataFrame(patterns), pd.DataFrame(labels, columns=["finding", "rank", "label", "category", "patterns",
+                                                                 "swing", "separation", "share", "planted"])
 
 
 def audit_examples(run: RunDir, finding: str, split: str = "test", names: Sequence[str] | None = None,

@@ -45,7 +45,7 @@ def body() -> None:
 
     if st.toggle("Full-decomposition audit, as in the batch report (every image of the split, patterns ranked "
                  "by swing; takes a few seconds the first time)", key="audit_full"):
-        labels = ak.data("full_audit_labels", run, split)
+        full, labels = ak.data("full_audit", run, split)
         st.caption("Labels: the patterns that share a label, summed image by image (an image-wide artifact is "
                    "often split over many patterns). Swing: the spread of the summed term over images (what the "
                    "planted-shortcut grade ranks by). Separation: its mean on the finding's positives minus "
@@ -55,7 +55,6 @@ def body() -> None:
             "separation": st.column_config.NumberColumn("separation (logit)", format="%+.3f"),
             "share": st.column_config.NumberColumn("share of evidence", format="percent"),
             "planted": st.column_config.CheckboxColumn("holds the planted shortcut")})
-        full = ak.data("full_audit", run, split)
         ranks = full.dropna(subset=["planted_rank"])
         if audit.planted and len(ranks):
             st.caption(f"Planted shortcut's patterns: first at rank {int(ranks['planted_rank'].iloc[0])} of "
