@@ -484,6 +484,11 @@ static i64 level_order(const i64* is, const float* vs, i64 S, const int32_t* lev
 
 #ifdef SAE_AVX512
 #define R8(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7)
+/* 16 lanes of sum_q x_q * y_q over the eight registers x0..x7, y0..y7: two interleaved FMA chains,
+ * the same order everywhere it is used */
+#define DOT8(x, y) _mm512_add_ps( \
+    _mm512_fmadd_ps(x##6, y##6, _mm512_fmadd_ps(x##4, y##4, _mm512_fmadd_ps(x##2, y##2, _mm512_mul_ps(x##0, y##0)))), \
+    _mm512_fmadd_ps(x##7, y##7, _mm512_fmadd_ps(x##5, y##5, _mm512_fmadd_ps(x##3, y##3, _mm512_mul_ps(x##1, y##1)))))
 /* Forward of columns [i0, i0 + 128) of one (sample, member), everything that is per column fused:
  * eight registers start at bias + base - target and run through the slots in level order; after
  * each level they are that prefix's residual acc[l] (stored, squared into ssev[l]), so every
@@ -519,11 +524,7 @@ static inline void fwd_block128(float* restrict acc, i64 d, i64 i0, const float*
 #define ST(q) _mm512_storeu_ps(o + 16 * q, r##q);
         R8(ST)
 #undef ST
-        __m512 s0 = _mm512_mul_ps(r0, r0), s1 = _mm512_mul_ps(r1, r1);
-        s0 = _mm512_fmadd_ps(r2, r2, s0); s1 = _mm512_fmadd_ps(r3, r3, s1);
-        s0 = _mm512_fmadd_ps(r4, r4, s0); s1 = _mm512_fmadd_ps(r5, r5, s1);
-        s0 = _mm512_fmadd_ps(r6, r6, s0); s1 = _mm512_fmadd_ps(r7, r7, s1);
-        _mm512_storeu_ps(ssev + 16 * l, _mm512_add_ps(_mm512_loadu_ps(ssev + 16 * l), _mm512_add_ps(s0, s1)));
+        _mm512_storeu_ps(ssev + 16 * l, _mm512_add_ps(_mm512_loadu_ps(ssev + 16 * l), DOT8(r, r)));
     }
     if (rsum) {
 #define RS(q) _mm512_storeu_pd(rsum + i0 + 16 * q, _mm512_add_pd(_mm512_loadu_pd(rsum + i0 + 16 * q), \
@@ -576,12 +577,8 @@ static inline void bwdT_block128(const float* restrict wj, float* gwj, i64 i0, c
 #define LG(q) const __m512 g##q = _mm512_loadu_ps(gb + 16 * q);
         R8(LG)
 #undef LG
-        __m512 p0 = _mm512_mul_ps(w0, g0), p1 = _mm512_mul_ps(w1, g1);
-        p0 = _mm512_fmadd_ps(w2, g2, p0); p1 = _mm512_fmadd_ps(w3, g3, p1);
-        p0 = _mm512_fmadd_ps(w4, g4, p0); p1 = _mm512_fmadd_ps(w5, g5, p1);
-        p0 = _mm512_fmadd_ps(w6, g6, p0); p1 = _mm512_fmadd_ps(w7, g7, p1);
         float* gp = gvl + 16 * (t - c0);
-        _mm512_storeu_ps(gp, _mm512_add_ps(_mm512_loadu_ps(gp), _mm512_add_ps(p0, p1)));
+        _mm512_storeu_ps(gp, _mm512_add_ps(_mm512_loadu_ps(gp), DOT8(w, g)));
         if (ent_v[t] != 0.0f) {
             const __m512 va = _mm512_set1_ps(ent_v[t]);
 #define AC(q) a##q = _mm512_fmadd_ps(va, g##q, a##q);
