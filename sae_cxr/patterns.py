@@ -532,7 +532,7 @@ def concept_recovery(table: pd.DataFrame, threshold: float = 0.9, prevalence: Ma
     out.update({"concepts": len(CONCEPT_NAMES), "recovered": int(recovered), "threshold": threshold})
     if prevalence is not None:
         out["recovered_as_absence"] = as_absence
-        out["prevalence"] = {c: round(float(prevalence.get(c, 0.0)), 4) for c in CONCEPT_NAMES}
+        out["prevalence"] = {c: float(prevalence.get(c, 0.0)) for c in CONCEPT_NAMES}
     return out
 
 

@@ -258,6 +258,14 @@ class EvidenceTable:
         mask = self.unknown.get(j)
         return np.ones(len(self.ids), dtype=bool) if mask is None else ~mask
 
+    def presence_auroc(self, j: int, scores: np.ndarray) -> float:
+        """AUROC of `scores` [N] at ranking the records with term j above those without, over the records
+        where the term is known; NaN when every such record has it or none does."""
+        from sae_cxr.stats import auroc
+
+        v, k = self.values(j), self.known(j)
+        return auroc(v[k].astype(float), scores[k]) if 0 < v[k].sum() < k.sum() else float("nan")
+
     def top_counts(self, top_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(term hits among the given rows, rows with the term known) per term column."""
         a = np.asarray(self.present[top_idx].sum(0), dtype=np.int64).ravel()
@@ -450,18 +458,12 @@ class EvidenceLabeler:
         d = int((~has_x & ~in_top).sum())
         return a, float(fisher_greater(a, b, c, d))
 
-    def _auroc_decision(self, t: EvidenceTable, s: _Stats, cols: dict[int, tuple[np.ndarray, np.ndarray]],
-                        acts: np.ndarray, standing: list[int]) -> dict[str, Any] | None:
+    def _auroc_decision(self, t: EvidenceTable, acts: np.ndarray, standing: list[int]) -> dict[str, Any] | None:
         """The standing candidate whose presence the whole activation distribution ranks best (AUROC over
         the images where the term is known); None when that is already the best-scoring one."""
-        from sae_cxr.stats import auroc
-
         if len(standing) < 2:
             return None
-        scores = {}
-        for x in standing:
-            v, k = cols[x]
-            scores[x] = auroc(v[k].astype(float), acts[k]) if 0 < v[k].sum() < k.sum() else float("nan")
+        scores = {x: t.presence_auroc(x, acts) for x in standing}
         best = max(standing, key=lambda x: (np.nan_to_num(scores[x], nan=-1.0), -standing.index(x)))
         if best == standing[0]:
             return None
@@ -515,7 +517,7 @@ class EvidenceLabeler:
             else:
                 explained.append({"term": t.terms[x].key, "by": t.terms[by].key})
         winner = standing[0] if standing else candidates[0]  # none standing: a cycle, keep the marginal best
-        tie_break = self._auroc_decision(t, s, cols, acts, standing) if cfg.decide_by_auroc else None
+        tie_break = self._auroc_decision(t, acts, standing) if cfg.decide_by_auroc else None
         if tie_break is not None:
             winner = tie_break["winner"]
 
@@ -548,8 +550,6 @@ class EvidenceLabeler:
     def _absence(self, pattern_id: int | str, base: dict[str, Any], t: EvidenceTable, s: _Stats,
                  acts: np.ndarray, categorised: np.ndarray) -> PatternLabel | None:
         """"no <term>" for the common term best depleted among the top images, or None (step 8)."""
-        from sae_cxr.stats import auroc
-
         cfg = self.config
         n1 = s.a + s.b
         rest_rate = np.divide(s.c, s.c + s.d, out=np.zeros(len(s.c)), where=(s.c + s.d) > 0)
@@ -568,10 +568,7 @@ class EvidenceLabeler:
         order = sorted((int(j) for j in np.flatnonzero(ok)),
                        key=lambda j: (-round(float(score[j]), 12), KIND_PRIORITY[t.terms[j].kind], t.terms[j].key))
         candidates = self._distinct_meanings(t, order)[: cfg.n_candidates]
-        aurocs = {}
-        for j in candidates:
-            v, k = t.values(j), t.known(j)
-            aurocs[j] = auroc(v[k].astype(float), acts[k]) if 0 < v[k].sum() < k.sum() else float("nan")
+        aurocs = {j: t.presence_auroc(j, acts) for j in candidates}
         winner = candidates[0]
         if cfg.decide_by_auroc and len(candidates) > 1:
             winner = min(candidates, key=lambda j: (np.nan_to_num(aurocs[j], nan=2.0), candidates.index(j)))

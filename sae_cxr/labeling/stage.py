@@ -210,6 +210,7 @@ def run_label(run: RunDir, cfg: LabelConfig, progress: bool = True) -> tuple[lis
     from sae_cxr.extract import EmbeddingStore
     from sae_cxr.ingest import read_records_table
     from sae_cxr.labeling.accuracy import absence_matches, labeler_accuracy
+    from sae_cxr.patterns import SUMMARY as PATTERNS_SUMMARY
     from sae_cxr.patterns import dense_activations, load_activations, load_patterns
     from sae_cxr.pipeline import config_from_run
 
@@ -261,8 +262,10 @@ def run_label(run: RunDir, cfg: LabelConfig, progress: bool = True) -> tuple[lis
     if "best_concept" in patterns:
         matches = {int(r.pattern_id): str(r.best_concept) for r in patterns.itertuples()
                    if r.best_concept in CONCEPTS and float(r.concept_auroc) >= 0.9}
-        absent = absence_matches(patterns, concept_prevalence(table, valid), exclude=matches)
         if matches:
+            # the concepts' prevalence over the run's valid images, as the patterns stage counted it
+            recovery = json.loads(run.sub(PATTERNS_SUMMARY).read_text()).get("concept_recovery", {})
+            absent = absence_matches(patterns, recovery.get("prevalence", {}), exclude=matches)
             for name, labels in results.items():
                 by_id = {lab.pattern_id: lab for lab in labels}
                 acc = labeler_accuracy(by_id, matches)
@@ -283,20 +286,6 @@ def run_label(run: RunDir, cfg: LabelConfig, progress: bool = True) -> tuple[lis
 
         outputs += build_label_index(run, results[primary], backbone)
     return outputs, summary
-
-
-def concept_prevalence(table: pd.DataFrame, rows: np.ndarray) -> dict[str, float]:
-    """Concept -> share of the selected records (boolean mask or indices) that carry it."""
-    if "concepts" not in table:
-        return {}
-    picked = table["concepts"].to_numpy()[rows]
-    if len(picked) == 0:
-        return {}
-    counts: dict[str, int] = {}
-    for cell in picked:
-        for c in (json.loads(cell) if isinstance(cell, str) and cell else ()):
-            counts[c] = counts.get(c, 0) + 1
-    return {c: counts.get(c, 0) / len(picked) for c in CONCEPTS}
 
 
 def _median(values) -> float | None:
