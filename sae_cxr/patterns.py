@@ -411,14 +411,8 @@ def run_patterns(run: RunDir, cfg: PatternConfig, seed: int = 0, progress: bool 
     with atomic_path(run.sub(PATTERNS)) as tmp:
         table.to_parquet(tmp, index=False)
     if "best_concept" in table:
-        rows_ok = np.flatnonzero(valid)
-        counts = dict.fromkeys(CONCEPT_NAMES, 0)
-        for i in rows_ok:
-            for c in ds.records[i].concepts:
-                if c in counts:
-                    counts[c] += 1
-        prevalence = {c: n / max(len(rows_ok), 1) for c, n in counts.items()}
-        recovery = concept_recovery(table, prevalence=prevalence)
+        share = ds.concept_truth()[valid].mean(0) if valid.any() else np.zeros(len(CONCEPT_NAMES))
+        recovery = concept_recovery(table, prevalence=dict(zip(CONCEPT_NAMES, share.tolist())))
     else:
         recovery = {}
     summary.update({"frequency_on_all_images_median": float(table["frequency"].median()),
