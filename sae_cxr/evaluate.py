@@ -209,6 +209,7 @@ def explanation_metrics(run: RunDir) -> dict[str, Any]:
 def shortcut_metrics(run: RunDir, cfg: EvalConfig, classifier: dict[str, Any]) -> dict[str, Any]:
     """The audit of every finding; on a phantom world with a planted shortcut, whether the audit finds it."""
     from sae_cxr.audit import audit_run, shortcut_group_rank, shortcut_patterns, shortcut_rank
+    from sae_cxr.contrast import run_contrasts
     from sae_cxr.findings import Shortcut
     from sae_cxr.patterns import PATTERNS
 
@@ -217,6 +218,8 @@ def shortcut_metrics(run: RunDir, cfg: EvalConfig, classifier: dict[str, Any]) -
                            "nuisance_share": {a.finding: round(a.nuisance_share, 4) for a in audit.ranked()},
                            "top_nuisance_patterns": {a.finding: _records(a.patterns.head(5)) for a in audit.ranked()},
                            "top_nuisance_labels": {a.finding: _records(a.groups.head(5)) for a in audit.ranked()}}
+    contrasts = run_contrasts(run, cfg.audit_splits)
+    out["nuisance_contrast"] = {f: _contrast_records(t.head(5)) for f, t in contrasts.items()}
     world = _world(run)
     if not world or not world.get("shortcut"):
         return out
@@ -237,8 +240,30 @@ def shortcut_metrics(run: RunDir, cfg: EvalConfig, classifier: dict[str, Any]) -
                       "truth_patterns": truth.tolist(), "pattern_rank": rank, "rank": group_rank,
                       "separation_rank": separation_rank, "found": group_rank == 1,
                       "finding_rank_by_nuisance_share": 1 + [a.finding for a in audit.ranked()].index(sc.finding)
-                      if fa is not None else None, **shift}
+                      if fa is not None else None, **shift, **_planted_contrast(contrasts.get(sc.finding), sc.nuisance)}
     return out
+
+
+def _contrast_records(t: pd.DataFrame) -> list[dict[str, Any]]:
+    return [{**r, "carriers": c} for r, c in zip(_records(t.drop(columns="carriers")), t["carriers"])]
+
+
+def _planted_contrast(table: pd.DataFrame | None, nuisance: str) -> dict[str, Any]:
+    """Where the planted nuisance ranks among the finding's device/artifact terms by adjusted logit contrast
+    (`sae_cxr.contrast`), its contrast and standard error, and the gap to the best other term."""
+    if table is None or table.empty:
+        return {}
+    hit = np.flatnonzero(table["term"].to_numpy() == f"concept:{nuisance}")
+    if not len(hit):
+        return {"contrast_rank": None}
+    i = int(hit[0])
+    others = table.drop(index=table.index[i])
+    best_other = others.iloc[0] if len(others) else None
+    row = table.iloc[i]
+    return {"contrast_rank": i + 1, "contrast": round(float(row["contrast"]), 4), "contrast_se": round(float(row["se"]), 4),
+            "contrast_best_other": None if best_other is None else str(best_other["term"]),
+            "contrast_gap": None if best_other is None else round(float(row["contrast"] - best_other["contrast"]), 4),
+            "contrast_carriers": row["carriers"]}
 
 
 def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
@@ -509,6 +534,14 @@ def summary_markdown(m: dict[str, Any]) -> str:
                   f"AUROC test {_num(p.get('auroc_test'))} -> test_shifted {_num(p.get('auroc_test_shifted'))}. "
                   f"Ranked by separation (the margin between {p['finding']} positives and negatives that a label's "
                   f"patterns supply) instead of swing, the label ranks {p.get('separation_rank')}."]
+        if p.get("contrast_rank") is not None:
+            carriers = ", ".join(f"{'rest of the logit' if c['pattern_id'] == -1 else '#' + str(c['pattern_id'])}"
+                                 f"{' (' + c['label'] + ')' if c.get('label') else ''} {_num(c.get('share'))}"
+                                 for c in p.get("contrast_carriers") or [])
+            lines += ["", f"Adjusted logit contrast among {p['finding']}-negative images (`sae_cxr.contrast`: the logit "
+                      f"change that comes with the nuisance, other findings held fixed): {_num(p.get('contrast'))} "
+                      f"± {_num(p.get('contrast_se'))} logit, rank {p['contrast_rank']} among device/artifact terms "
+                      f"(gap to {p.get('contrast_best_other')}: {_num(p.get('contrast_gap'))}); carried by {carriers}."]
         groups = (sc.get("top_nuisance_labels") or {}).get(p["finding"]) or []
         if groups:
             lines += ["", f"| device/artifact label on {p['finding']} | patterns | swing (logit) | separation (logit) "

@@ -54,6 +54,11 @@ def test_eval_stage_on_a_tiny_run(tiny_pipeline_run):
     planted = m["shortcut"]["planted"]
     assert planted["nuisance"] == "pacemaker" and planted["finding"] == "Cardiomegaly"
     assert planted["rank"] is None or planted["rank"] >= 1
+    contrasts = m["shortcut"]["nuisance_contrast"]["Cardiomegaly"]
+    assert contrasts and all(r["category"] in ("device", "artifact") for r in contrasts)
+    assert [r["contrast"] for r in contrasts] == sorted((r["contrast"] for r in contrasts), reverse=True)
+    if planted.get("contrast_rank") is not None:  # the pacemaker is on enough Cardiomegaly-negative images
+        assert contrasts[planted["contrast_rank"] - 1]["term"] == "concept:pacemaker"
     shares = np.array(list(m["shortcut"]["nuisance_share"].values()))
     assert ((shares >= 0) & (shares <= 1)).all()
     md = run.sub(SUMMARY_MD).read_text()
