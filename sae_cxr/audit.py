@@ -11,7 +11,7 @@ audit itself can be graded (`shortcut_rank`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -260,10 +260,26 @@ def label_table(run: RunDir) -> pd.DataFrame:
     return lab.set_index("pattern_id")
 
 
-def evidence_sums(run: RunDir, splits: Sequence[str], batch_size: int = 512,
-                  labels: pd.DataFrame | None = None) -> EvidenceSums:
-    """Full decompositions of every valid image of `splits`, summed per pattern and finding, and per
-    label group of device/artifact patterns when `labels` (as `label_table` returns them) is given."""
+@dataclass
+class SplitDecompositions:
+    """The valid images of some splits, ready to be decomposed batch by batch (for the audit's sums and
+    the nuisance contrasts alike)."""
+
+    records: list[Any]  # the images' records, in order
+    labels: np.ndarray  # [N, C] 1, 0 or NaN
+    x: np.ndarray  # [N, d_in] classifier inputs
+    attributor: Any  # sae_cxr.attribution.Attributor
+    batch_size: int = 512
+
+    def batches(self) -> Iterator[tuple[slice, Any]]:
+        """(positions in `records`, AttributionBatch) per batch."""
+        for s in range(0, len(self.records), self.batch_size):
+            sl = slice(s, s + self.batch_size)
+            yield sl, self.attributor.decompose(self.x[sl])
+
+
+def split_decompositions(run: RunDir, splits: Sequence[str], batch_size: int = 512) -> SplitDecompositions:
+    """The valid images of `splits` with the run's attributor; raises when the splits hold none."""
     from sae_cxr.attribution import Attributor
     from sae_cxr.classifier import load_head
     from sae_cxr.extract import EmbeddingStore
@@ -279,12 +295,21 @@ def evidence_sums(run: RunDir, splits: Sequence[str], batch_size: int = 512,
                          f"splits present: {ds.split_counts()}")
     _, arrays = load_patterns(run)
     attr = Attributor(load_ensemble(run), load_head(run), arrays["latent_pattern"])
-    x = store.features()
-    groups, keys = label_groups(labels, attr.n_patterns) if labels is not None else (None, None)
-    sums = EvidenceSums.zeros(attr.n_patterns, len(FINDINGS), groups=groups, group_keys=keys, by_label=True)
-    y = np.stack([ds.records[i].labels for i in rows]) if len(rows) else np.zeros((0, len(FINDINGS)))
-    for s in range(0, len(rows), batch_size):
-        sums.add(attr.decompose(x[rows[s:s + batch_size]]).contributions, y[s:s + batch_size])
+    records = [ds.records[i] for i in rows]
+    labels = np.stack([r.labels for r in records]).astype(np.float64)
+    return SplitDecompositions(records, labels, store.features()[rows], attr, batch_size)
+
+
+def evidence_sums(run: RunDir, splits: Sequence[str], batch_size: int = 512,
+                  labels: pd.DataFrame | None = None) -> EvidenceSums:
+    """Full decompositions of every valid image of `splits`, summed per pattern and finding, and per
+    label group of device/artifact patterns when `labels` (as `label_table` returns them) is given."""
+    data = split_decompositions(run, splits, batch_size)
+    n_patterns = data.attributor.n_patterns
+    groups, keys = label_groups(labels, n_patterns) if labels is not None else (None, None)
+    sums = EvidenceSums.zeros(n_patterns, len(FINDINGS), groups=groups, group_keys=keys, by_label=True)
+    for sl, batch in data.batches():
+        sums.add(batch.contributions, data.labels[sl])
     return sums
 
 

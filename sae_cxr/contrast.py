@@ -168,34 +168,15 @@ def contrast_table(sums: ContrastSums, terms: Sequence[NuisanceTerm], labels: pd
 def run_contrasts(run, splits: Sequence[str], categories: Sequence[str] = ("device", "artifact"),
                   batch_size: int = 512, min_images: int = 10) -> dict[str, pd.DataFrame]:
     """Per finding, the contrast table of every device/artifact term over the valid images of `splits`."""
-    from sae_cxr.attribution import Attributor
-    from sae_cxr.audit import label_table
-    from sae_cxr.classifier import load_head
-    from sae_cxr.extract import EmbeddingStore
+    from sae_cxr.audit import label_table, split_decompositions
     from sae_cxr.findings import FINDINGS
-    from sae_cxr.ingest import open_run_dataset
-    from sae_cxr.patterns import load_patterns
-    from sae_cxr.transcoders.stage import load_ensemble
 
-    ds = open_run_dataset(run)
-    store = EmbeddingStore(run)
-    rows = np.array([i for i, r in enumerate(ds.records) if r.split in splits and store.valid[i]], dtype=np.int64)
-    if len(rows) == 0:
-        raise ValueError(f"no images to contrast in split(s) {list(splits)} of {run.path}; "
-                         f"splits present: {ds.split_counts()}")
-    terms, present = nuisance_terms([ds.records[i] for i in rows], categories)
-    _, arrays = load_patterns(run)
-    attr = Attributor(load_ensemble(run), load_head(run), arrays["latent_pattern"])
+    data = split_decompositions(run, splits, batch_size)
+    terms, present = nuisance_terms(data.records, categories)
     C = len(FINDINGS)
-    sums = [ContrastSums.zeros(c, C, len(terms), attr.n_patterns) for c in range(C)]
-    x = store.features()
-    y = np.stack([ds.records[i].labels for i in rows]).astype(np.float64)
-    for s in range(0, len(rows), batch_size):
-        b = attr.decompose(x[rows[s:s + batch_size]])
+    sums = [ContrastSums.zeros(c, C, len(terms), data.attributor.n_patterns) for c in range(C)]
+    for sl, batch in data.batches():
         for cs in sums:
-            cs.add(b.contributions, b.logit, y[s:s + batch_size], present[s:s + batch_size])
-    try:
-        labels = label_table(run)
-    except FileNotFoundError:
-        labels = None
+            cs.add(batch.contributions, batch.logit, data.labels[sl], present[sl])
+    labels = label_table(run)  # empty before the label stage: carriers then go unnamed
     return {f: contrast_table(sums[c], terms, labels, min_images) for c, f in enumerate(FINDINGS)}
