@@ -913,6 +913,44 @@ def full_audit(run: RunDir, split: str = "test", top: int = 5) -> tuple[pd.DataF
                                                                  "swing", "separation", "share", "planted"])
 
 
+def label_contrasts(run: RunDir, split: str = "test", top: int = 5) -> pd.DataFrame:
+    """The graded audit (`sae_cxr.contrast`, pattern detectors): per finding, the device/artifact labels
+    ranked by how far the logit moves, among the finding's negative images and with the other findings
+    held fixed, when the label's most stable pattern detects its nuisance; with the patterns that carry
+    the move and, on a phantom run, whether the label holds the planted shortcut's patterns."""
+    from sae_cxr.audit import label_groups, label_table, shortcut_patterns
+    from sae_cxr.contrast import run_contrasts
+    from sae_cxr.patterns import load_patterns
+
+    cols = ["finding", "rank", "label", "category", "contrast", "se", "z", "n_with", "n_without", "carried_by",
+            "planted"]
+    splits = tuple(sorted(set(stored_predictions(run)["split"]))) if split == "all" else (split,)
+    tables = run_contrasts(run, splits).get("patterns", {})
+    planted = planted_shortcut(run)
+    planted_label = None
+    if planted is not None:
+        try:
+            table = load_patterns(run)[0]
+            truth = shortcut_patterns(table, planted.nuisance)
+        except ValueError:  # not a phantom run: no ground truth to mark
+            table, truth = None, np.zeros(0, dtype=np.int64)
+        if table is not None and len(truth):
+            groups, keys = label_groups(label_table(run), len(table))
+            hits = [int(np.isin(np.flatnonzero(groups == g), truth).sum()) for g in range(len(keys))]
+            if hits and max(hits):
+                planted_label = keys[int(np.argmax(hits))][0]
+    rows = []
+    for finding, t in tables.items():
+        for i, r in enumerate(t.head(top).itertuples()):
+            carried = ", ".join(("rest of the logit" if c["pattern_id"] == -1 else f"#{c['pattern_id']} {c['label'] or ''}")
+                                + f" {c['share']:.0%}" for c in r.carriers[:3] if c["share"] is not None)
+            rows.append({"finding": finding, "rank": i + 1, "label": r.display, "category": r.category,
+                         "contrast": float(r.contrast), "se": float(r.se), "z": float(r.z), "n_with": int(r.n_with),
+                         "n_without": int(r.n_without), "carried_by": carried,
+                         "planted": bool(planted is not None and finding == planted.finding and r.display == planted_label)})
+    return pd.DataFrame(rows, columns=cols)
+
+
 def audit_examples(run: RunDir, finding: str, split: str = "test", names: Sequence[str] | None = None,
                    n: int = 8) -> pd.DataFrame:
     """The split's images where device/artifact patterns (optionally only those named `names`) push

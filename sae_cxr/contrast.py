@@ -17,12 +17,20 @@ signature on data that has no intervention split. Least squares is linear in the
 logit is exactly the sum of its decomposition's terms, so the same fit applied to each pattern's
 contribution splits the contrast exactly over patterns (plus the non-pattern rest). Everything is
 accumulated as sums of products, one batch at a time.
+
+The terms come from one of two sources. "records": the records' own device/artifact annotations
+(phantom concepts, or vocabulary phrases in the reports). "patterns": the workbench's own detectors,
+one per device/artifact LABEL, namely the label's most stable pattern, present where its activation
+passes its Otsu cut. The second source needs no annotation at all (pattern labels, activations and
+the five finding labels), so it is the audit an auditor can run on any data set. Unlike the label
+audit's swing, it still catches a shortcut that the finding's own patterns absorbed: the marker
+pattern only has to DETECT the marker, not carry its push.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -138,6 +146,52 @@ def nuisance_terms(records: Sequence, categories: Sequence[str]) -> tuple[list[N
     return terms, present
 
 
+@dataclass
+class PatternDetectors:
+    """One nuisance detector per device/artifact label: the label's most stable pattern (the one most
+    members of the ensemble found) and a cut on its activation (Otsu's, over the images it fires on).
+    A label's other patterns are left out: a group also collects weak and half-mislabelled patterns,
+    and their union fires on most images."""
+
+    terms: list[NuisanceTerm]
+    pattern_ids: np.ndarray  # [T] the representative pattern of each label
+    thresholds: np.ndarray  # [T] presence cut on its activation
+
+    def __post_init__(self) -> None:
+        if not (len(self.terms) == len(self.pattern_ids) == len(self.thresholds)):
+            raise ValueError("terms, pattern_ids and thresholds must have one entry per label")
+
+    def present(self, activations: np.ndarray) -> np.ndarray:
+        """Pattern activations [B, P] -> presence of each label's nuisance [B, T]."""
+        return activations[:, self.pattern_ids] > self.thresholds
+
+
+def pattern_detectors(labels: pd.DataFrame, stability: pd.Series, activation_values: Callable[[int], np.ndarray],
+                      categories: Sequence[str] = ("device", "artifact"), min_firing: int = 20) -> PatternDetectors:
+    """Detectors for the labels of `categories`. `labels` (indexed by pattern_id: label, category),
+    `stability` (pattern_id -> share of members), `activation_values(pattern_id)` -> the pattern's
+    non-zero activations over a data set (for the cut). Labels whose representative fires on fewer than
+    `min_firing` images are skipped: an Otsu cut needs a distribution."""
+    from sae_cxr.audit import label_groups
+    from sae_cxr.patterns import otsu_threshold
+
+    n_patterns = int(max(labels.index.max(), stability.index.max())) + 1 if len(labels) else 0
+    groups, keys = label_groups(labels, n_patterns, categories)
+    stab = stability.reindex(range(n_patterns)).fillna(0.0).to_numpy()
+    terms, ids, cuts = [], [], []
+    for g, (label, category) in enumerate(keys):
+        members = np.flatnonzero(groups == g)
+        rep = int(members[np.argmax(stab[members])])  # ties: the lowest id
+        values = np.asarray(activation_values(rep), dtype=np.float64)
+        values = values[values > 0]
+        if len(values) < min_firing:
+            continue
+        terms.append(NuisanceTerm(f"label:{label}", label, category))
+        ids.append(rep)
+        cuts.append(otsu_threshold(values))
+    return PatternDetectors(terms, np.array(ids, dtype=np.int64), np.array(cuts, dtype=np.float64))
+
+
 def contrast_table(sums: ContrastSums, terms: Sequence[NuisanceTerm], labels: pd.DataFrame | None = None,
                    min_images: int = 10, top: int = 5) -> pd.DataFrame:
     """One row per term seen on >= min_images negative images (and missing from as many), all fitted
@@ -166,17 +220,33 @@ def contrast_table(sums: ContrastSums, terms: Sequence[NuisanceTerm], labels: pd
 
 
 def run_contrasts(run, splits: Sequence[str], categories: Sequence[str] = ("device", "artifact"),
-                  batch_size: int = 512, min_images: int = 10) -> dict[str, pd.DataFrame]:
-    """Per finding, the contrast table of every device/artifact term over the valid images of `splits`."""
+                  batch_size: int = 512, min_images: int = 10) -> dict[str, dict[str, pd.DataFrame]]:
+    """Per term source ("records": annotations or report phrases; "patterns": the labels' own pattern
+    detectors, once labels exist) and per finding, the contrast table of every device/artifact term
+    over the valid images of `splits`, from one pass of decompositions."""
     from sae_cxr.audit import label_table, split_decompositions
     from sae_cxr.findings import FINDINGS
+    from sae_cxr.patterns import load_activations, load_patterns
 
     data = split_decompositions(run, splits, batch_size)
-    terms, present = nuisance_terms(data.records, categories)
-    C = len(FINDINGS)
-    sums = [ContrastSums.zeros(c, C, len(terms), data.attributor.n_patterns) for c in range(C)]
+    labels = label_table(run)  # empty before the label stage: carriers then go unnamed, no pattern terms
+    sources: dict[str, tuple[list[NuisanceTerm], Callable]] = {}  # source -> (terms, (slice, batch) -> presence)
+    rec_terms, rec_present = nuisance_terms(data.records, categories)
+    sources["records"] = (rec_terms, lambda sl, batch: rec_present[sl])
+    if len(labels):
+        table, _ = load_patterns(run)
+        rows, cols, vals, _ = load_activations(run)
+        order = np.argsort(cols, kind="stable")
+        starts = np.searchsorted(cols[order], np.arange(data.attributor.n_patterns + 1))
+        detectors = pattern_detectors(labels, table.set_index("pattern_id")["stability"],
+                                      lambda p: vals[order[starts[p]:starts[p + 1]]], categories)
+        sources["patterns"] = (detectors.terms, lambda sl, batch: detectors.present(batch.activations))
+    C, P = len(FINDINGS), data.attributor.n_patterns
+    sums = {k: [ContrastSums.zeros(c, C, len(terms), P) for c in range(C)] for k, (terms, _) in sources.items()}
     for sl, batch in data.batches():
-        for cs in sums:
-            cs.add(batch.contributions, batch.logit, data.labels[sl], present[sl])
-    labels = label_table(run)  # empty before the label stage: carriers then go unnamed
-    return {f: contrast_table(sums[c], terms, labels, min_images) for c, f in enumerate(FINDINGS)}
+        for k, (_, present) in sources.items():
+            t = present(sl, batch)
+            for cs in sums[k]:
+                cs.add(batch.contributions, batch.logit, data.labels[sl], t)
+    return {k: {f: contrast_table(sums[k][c], terms, labels, min_images) for c, f in enumerate(FINDINGS)}
+            for k, (terms, _) in sources.items()}

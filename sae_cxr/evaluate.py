@@ -218,8 +218,11 @@ def shortcut_metrics(run: RunDir, cfg: EvalConfig, classifier: dict[str, Any]) -
                            "nuisance_share": {a.finding: round(a.nuisance_share, 4) for a in audit.ranked()},
                            "top_nuisance_patterns": {a.finding: _records(a.patterns.head(5)) for a in audit.ranked()},
                            "top_nuisance_labels": {a.finding: _records(a.groups.head(5)) for a in audit.ranked()}}
-    contrasts = run_contrasts(run, cfg.audit_splits)
+    by_source = run_contrasts(run, cfg.audit_splits)
+    contrasts = by_source["records"]
     out["nuisance_contrast"] = {f: _contrast_records(t.head(5)) for f, t in contrasts.items()}
+    label_contrasts = by_source.get("patterns", {})
+    out["label_contrast"] = {f: _contrast_records(t.head(5)) for f, t in label_contrasts.items()}
     world = _world(run)
     if not world or not world.get("shortcut"):
         return out
@@ -236,9 +239,11 @@ def shortcut_metrics(run: RunDir, cfg: EvalConfig, classifier: dict[str, Any]) -
         shift = {"auroc_test": a0, "auroc_test_shifted": a1,
                  "auroc_drop": a0 - a1 if a0 is not None and a1 is not None else None}
     reliance = shortcut_reliance(run, sc.nuisance, sc.finding)
+    label_rank = _planted_label_contrast(label_contrasts.get(sc.finding), fa, truth)
     out["planted"] = {"shortcut": str(sc), "nuisance": sc.nuisance, "finding": sc.finding, "reliance": reliance,
-                      "truth_patterns": truth.tolist(), "pattern_rank": rank, "rank": group_rank,
-                      "separation_rank": separation_rank, "found": group_rank == 1,
+                      "truth_patterns": truth.tolist(), "pattern_rank": rank, "swing_rank": group_rank,
+                      "separation_rank": separation_rank, **label_rank, "rank": label_rank.get("label_contrast_rank"),
+                      "found": label_rank.get("label_contrast_rank") == 1,
                       "finding_rank_by_nuisance_share": 1 + [a.finding for a in audit.ranked()].index(sc.finding)
                       if fa is not None else None, **shift, **_planted_contrast(contrasts.get(sc.finding), sc.nuisance)}
     return out
@@ -246,6 +251,27 @@ def shortcut_metrics(run: RunDir, cfg: EvalConfig, classifier: dict[str, Any]) -
 
 def _contrast_records(t: pd.DataFrame) -> list[dict[str, Any]]:
     return [{**r, "carriers": c} for r, c in zip(_records(t.drop(columns="carriers")), t["carriers"])]
+
+
+def _planted_label_contrast(table: pd.DataFrame | None, audit, truth: np.ndarray) -> dict[str, Any]:
+    """Where the planted nuisance's LABEL (the device/artifact label holding most of its truth patterns)
+    ranks among the finding's label detectors by adjusted logit contrast, with its contrast, se and the
+    gap to the next label: the graded audit, since it needs nothing but the run's own patterns."""
+    if table is None or table.empty or audit is None or audit.groups is None or audit.groups.empty:
+        return {"label_contrast_rank": None}
+    hits = np.array([np.isin(ids, truth).sum() for ids in audit.groups["pattern_ids"]])
+    if not len(hits) or hits.max() == 0:
+        return {"label_contrast_rank": None}
+    label = str(audit.groups.iloc[int(np.argmax(hits))]["label"])
+    hit = np.flatnonzero(table["term"].to_numpy() == f"label:{label}")
+    if not len(hit):
+        return {"label_contrast_rank": None, "label": label}
+    i = int(hit[0])
+    row, others = table.iloc[i], table.drop(index=table.index[i])
+    return {"label": label, "label_contrast_rank": i + 1, "label_contrast": round(float(row["contrast"]), 4),
+            "label_contrast_se": round(float(row["se"]), 4),
+            "label_contrast_best_other": str(others.iloc[0]["display"]) if len(others) else None,
+            "label_contrast_gap": round(float(row["contrast"] - others.iloc[0]["contrast"]), 4) if len(others) else None}
 
 
 def _planted_contrast(table: pd.DataFrame | None, nuisance: str) -> dict[str, Any]:
@@ -351,7 +377,8 @@ def grade(m: dict[str, Any], cfg: EvalConfig) -> dict[str, dict[str, Any]]:
             check("shortcut_concept_recovered", got, ">= 0.9", got >= 0.9)
         used = planted.get("reliance") is None or abs(planted["reliance"]) >= cfg.shortcut_min_reliance
         if used:  # a shortcut the classifier does not use leaves nothing to find: reported, not graded
-            check("shortcut_found", planted["rank"], "its label ranks 1st among device/artifact evidence",
+            check("shortcut_found", planted["rank"],
+                  "its label ranks 1st among the finding's device/artifact label detectors by adjusted logit contrast",
                   planted["found"])
     return g
 
@@ -527,9 +554,11 @@ def summary_markdown(m: dict[str, Any]) -> str:
         p = sc["planted"]
         lines += ["", "## Shortcut audit", "",
                   f"Planted `{p['shortcut']}`: truth patterns {p['truth_patterns']}; among the device/artifact "
-                  f"evidence for {p['finding']}, the label holding them ranks {p['rank']} "
-                  f"({'found' if p['found'] else 'not found'}) and its best single pattern ranks "
-                  f"{p.get('pattern_rank')}; "
+                  f"evidence for {p['finding']}, the label holding them ({p.get('label')}) ranks {p['rank']} by "
+                  f"adjusted logit contrast of its detector ({'found' if p['found'] else 'not found'}: "
+                  f"{_num(p.get('label_contrast'))} ± {_num(p.get('label_contrast_se'))} logit, gap to "
+                  f"{p.get('label_contrast_best_other')}: {_num(p.get('label_contrast_gap'))}), "
+                  f"{p.get('swing_rank')} by swing, and its best single pattern ranks {p.get('pattern_rank')} by swing; "
                   f"the classifier's reliance on it: {_num(p.get('reliance'))} logit on test_shifted; "
                   f"AUROC test {_num(p.get('auroc_test'))} -> test_shifted {_num(p.get('auroc_test_shifted'))}. "
                   f"Ranked by separation (the margin between {p['finding']} positives and negatives that a label's "

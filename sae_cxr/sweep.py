@@ -41,7 +41,7 @@ a finding the classifier sees perfectly anyway."""
 
 HEADLINE = ("concept_recovery", "labeler_named", "labeler_category", "pointing_pattern_gradcam",
             "pointing_patch_map", "pointing_logit_gradcam",
-            "deletion_area_top", "deletion_area_random", "shortcut_rank", "shortcut_pattern_rank", "shortcut_reliance", "fvu", "dead", "spliced_auroc_drop",
+            "deletion_area_top", "deletion_area_random", "shortcut_rank", "shortcut_swing_rank", "shortcut_pattern_rank", "shortcut_reliance", "fvu", "dead", "spliced_auroc_drop",
             "patterns", "patterns_per_prediction", "targets_passed")
 
 
@@ -73,7 +73,8 @@ def headline(m: dict[str, Any]) -> dict[str, Any]:
         "pointing_patch_map": loc.get("with_baseline/pattern_map", {}).get("pointing_game"),
         "pointing_logit_gradcam": loc.get("with_baseline/logit_gradcam", {}).get("pointing_game"),
         "deletion_area_top": f.get("deletion_area_top"), "deletion_area_random": f.get("deletion_area_random"),
-        "shortcut_rank": planted.get("rank"), "shortcut_pattern_rank": planted.get("pattern_rank"),
+        "shortcut_rank": planted.get("rank"), "shortcut_swing_rank": planted.get("swing_rank"),
+        "shortcut_pattern_rank": planted.get("pattern_rank"),
         "shortcut_reliance": planted.get("reliance"),
         "fvu": ens.get("fvu", {}).get("median"), "dead": ens.get("dead_fraction", {}).get("median"),
         "spliced_auroc_drop": ens.get("spliced_auroc_drop_worst_median"),

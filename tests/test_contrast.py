@@ -90,3 +90,49 @@ def test_term_on_every_image_has_no_contrast_and_bad_shapes_are_refused():
     with pytest.raises(ValueError, match="zy"):
         ContrastSums(0, np.zeros((3, 3)), np.zeros((3, 1)), np.zeros((1, 1)), np.zeros((2, 4)), np.zeros((1, 4)), 0.0)
     assert REST == -1
+
+
+def test_pattern_detectors_pick_each_labels_most_stable_pattern_and_cut_between_its_modes():
+    import pandas as pd
+
+    from sae_cxr.contrast import pattern_detectors
+
+    labels = pd.DataFrame({"label": ["pacemaker", "pacemaker", "cardiomegaly", "Low  exposure", "collimation edge"],
+                           "category": ["device", "device", "cardiac", "artifact", "artifact"]},
+                          index=pd.Index([0, 1, 2, 3, 4], name="pattern_id"))
+    stability = pd.Series([0.3, 0.9, 1.0, 0.5, 0.8], index=labels.index)
+    rng = np.random.default_rng(0)
+    firing = {1: np.concatenate([rng.uniform(0.01, 0.1, 300), rng.uniform(0.9, 1.0, 100)]),  # noise, then detections
+              3: np.concatenate([rng.uniform(0.01, 0.05, 50), rng.uniform(0.5, 0.6, 50)]),
+              4: np.array([0.2, 0.3, 0.0])}  # fires on 2 images: no distribution to cut
+    d = pattern_detectors(labels, stability, lambda p: firing.get(p, np.zeros(0)))
+    assert [t.key for t in d.terms] == ["label:pacemaker", "label:low exposure"]  # cardiac and thin labels left out
+    assert [t.category for t in d.terms] == ["device", "artifact"]
+    assert d.pattern_ids.tolist() == [1, 3]  # the most stable pacemaker pattern, not pattern 0
+    assert 0.1 <= d.thresholds[0] < 0.9 and 0.05 <= d.thresholds[1] < 0.5
+    act = np.zeros((3, 5))
+    act[0, 1], act[1, 1], act[1, 0], act[2, 3] = 0.95, 0.05, 5.0, 0.55
+    assert d.present(act).tolist() == [[True, False], [False, False], [False, True]]  # pattern 0 is no detector
+
+
+def test_a_detected_nuisance_counts_even_when_its_pattern_carries_none_of_the_push():
+    # the shortcut is absorbed: the marker's push on finding 0 flows through pattern 1 (a finding pattern);
+    # pattern 0 (the marker detector) carries nothing, so only its detection (the term) ties it to the logit
+    rng = np.random.default_rng(3)
+    n = 600
+    labels = np.zeros((n, 2))
+    labels[rng.random(n) < 0.2, 0] = 1
+    labels[:, 1] = rng.random(n) < 0.3
+    marker = rng.random(n) < 0.4
+    act = np.zeros((n, 2))
+    act[:, 0] = np.where(marker, rng.uniform(0.8, 1.0, n), rng.uniform(0.0, 0.1, n))
+    contrib = np.zeros((n, 2, 2))
+    contrib[:, 1, 0] = 1.7 * marker + 0.8 * labels[:, 1] + 3.0 * labels[:, 0]
+    logit = contrib.sum(1) + rng.normal(0, 0.2, (n, 2))
+    s = ContrastSums.zeros(0, 2, 1, 2)
+    s.add(contrib, logit, labels, (act[:, [0]] > 0.5).astype(float))
+    t = contrast_table(s, [NuisanceTerm("label:marker", "marker", "artifact")])
+    assert t.loc[0, "contrast"] == pytest.approx(1.7, abs=0.06)
+    assert [c["pattern_id"] for c in t.loc[0, "carriers"]][:1] == [1]  # carried by the finding pattern
+    shares = {c["pattern_id"]: c["share"] for c in t.loc[0, "carriers"]}
+    assert abs(shares[0]) < 1e-9  # the detector itself carries none of it

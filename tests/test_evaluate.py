@@ -59,6 +59,12 @@ def test_eval_stage_on_a_tiny_run(tiny_pipeline_run):
     assert [r["contrast"] for r in contrasts] == sorted((r["contrast"] for r in contrasts), reverse=True)
     if planted.get("contrast_rank") is not None:  # the pacemaker is on enough Cardiomegaly-negative images
         assert contrasts[planted["contrast_rank"] - 1]["term"] == "concept:pacemaker"
+    by_label = m["shortcut"]["label_contrast"]["Cardiomegaly"]  # the run's own label detectors as terms
+    assert all(r["term"].startswith("label:") and r["category"] in ("device", "artifact") for r in by_label)
+    assert [r["contrast"] for r in by_label] == sorted((r["contrast"] for r in by_label), reverse=True)
+    assert planted["found"] == (planted["rank"] == 1) and planted["rank"] == planted.get("label_contrast_rank")
+    if planted["rank"] is not None:
+        assert by_label[planted["rank"] - 1]["term"] == f"label:{planted['label']}" or planted["rank"] > 5
     shares = np.array(list(m["shortcut"]["nuisance_share"].values()))
     assert ((shares >= 0) & (shares <= 1)).all()
     md = run.sub(SUMMARY_MD).read_text()

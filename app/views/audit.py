@@ -45,10 +45,22 @@ def body() -> None:
 
     if st.toggle("Full-decomposition audit, as in the batch report (every image of the split, patterns ranked "
                  "by swing; takes a few seconds the first time)", key="audit_full"):
+        contrasts = ak.data("label_contrasts", run, split)
+        st.caption("Detector contrast (what the planted-shortcut grade ranks by): among a finding's NEGATIVE images, "
+                   "how far its logit moves when a device/artifact label's most stable pattern detects the nuisance, "
+                   "with the other findings and nuisances held fixed (one least-squares fit). It catches a shortcut "
+                   "that the finding's own patterns absorbed: 'carried by' shows which patterns carry the move.")
+        st.dataframe(contrasts, hide_index=True, width="stretch", key="audit_label_contrasts", column_config={
+            "contrast": st.column_config.NumberColumn("contrast (logit)", format="%+.3f"),
+            "se": st.column_config.NumberColumn("se", format="%.3f"),
+            "z": st.column_config.NumberColumn("z", format="%.1f"),
+            "n_with": st.column_config.NumberColumn("negatives with it"),
+            "n_without": st.column_config.NumberColumn("without"),
+            "planted": st.column_config.CheckboxColumn("holds the planted shortcut")})
         full, labels = ak.data("full_audit", run, split)
         st.caption("Labels: the patterns that share a label, summed image by image (an image-wide artifact is "
-                   "often split over many patterns). Swing: the spread of the summed term over images (what the "
-                   "planted-shortcut grade ranks by). Separation: its mean on the finding's positives minus "
+                   "often split over many patterns). Swing: the spread of the summed term over images. "
+                   "Separation: its mean on the finding's positives minus "
                    "negatives, the margin it supplies; a term that swings but is cancelled elsewhere has none.")
         st.dataframe(labels, hide_index=True, width="stretch", key="audit_full_labels", column_config={
             "swing": st.column_config.NumberColumn("swing (logit)", format="%.3f"),

@@ -114,6 +114,18 @@ def test_audit_shares_are_shares_and_the_planted_link_is_marked(tiny_run):
     assert len(ex) <= 3 and list(ex["push"]) == sorted(ex["push"], reverse=True)
 
 
+def test_label_contrasts_rank_each_findings_detectors_and_mark_the_planted_label(tiny_run):
+    t = ad.label_contrasts(tiny_run, "test")
+    assert len(t) and t["category"].isin(NUISANCE_CATEGORIES).all()
+    for _, g in t.groupby("finding"):
+        assert list(g["contrast"]) == sorted(g["contrast"], reverse=True)
+    assert ((t["n_with"] >= 10) & (t["n_without"] >= 10)).all()  # contrast_table's min_images
+    assert "pacemaker" in set(t["label"])  # the labels' own detectors are the terms
+    marked = t[t["planted"]]  # the tiny run's pacemaker sits on too few Cardiomegaly negatives to be fitted there
+    assert ((marked["finding"] == "Cardiomegaly") & (marked["label"] == "pacemaker")).all()
+    assert t["carried_by"].str.len().gt(0).all()
+
+
 def test_audit_of_a_split_without_attributions_says_how_to_get_them(tiny_run):
     with pytest.raises(ValueError, match="sae-cxr attribute"):
         ad.nuisance_audit(tiny_run, "train")

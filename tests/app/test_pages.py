@@ -181,7 +181,11 @@ def test_audit_ranks_device_and_artifact_evidence_and_marks_the_planted_shortcut
     full = next(d.value for d in at.dataframe if "pattern_id" in d.value.columns and "swing" in d.value.columns)
     assert set(full["finding"]) <= set(FINDINGS) and len(full) > 0
     assert full["category"].isin(["device", "artifact"]).all() and "separation" in full.columns
-    labels = next(d.value for d in at.dataframe if "planted" in d.value.columns)
+    contrasts = next(d.value for d in at.dataframe if "contrast" in d.value.columns)  # the graded view
+    assert contrasts["category"].isin(["device", "artifact"]).all()
+    for _, t in contrasts.groupby("finding"):
+        assert list(t["contrast"]) == sorted(t["contrast"], reverse=True) and list(t["rank"]) == list(range(1, len(t) + 1))
+    labels = next(d.value for d in at.dataframe if "planted" in d.value.columns and "swing" in d.value.columns)
     cardio = labels[labels["finding"] == "Cardiomegaly"]
     assert list(cardio["swing"]) == sorted(cardio["swing"], reverse=True)
     assert cardio["planted"].iloc[0] and cardio["label"].iloc[0] == "pacemaker"  # the graded view finds it
