@@ -873,6 +873,11 @@ def nuisance_audit(run: RunDir, split: str = "test") -> Audit:
                  planted=str(planted) if planted is not None else None, planted_rank=rank)
 
 
+def _audit_splits(run: RunDir, split: str) -> tuple[str, ...]:
+    """The splits an audit view covers: one split, or every attributed split for "all"."""
+    return tuple(sorted(set(stored_predictions(run)["split"]))) if split == "all" else (split,)
+
+
 def full_audit(run: RunDir, split: str = "test", top: int = 5) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The batch report's audit (`sae_cxr.audit`: full decompositions of every image of the split), computed
     once and shown two ways:
@@ -885,8 +890,7 @@ def full_audit(run: RunDir, split: str = "test", top: int = 5) -> tuple[pd.DataF
     from sae_cxr.audit import audit_run, shortcut_patterns, shortcut_rank
     from sae_cxr.patterns import load_patterns
 
-    splits = tuple(sorted(set(stored_predictions(run)["split"]))) if split == "all" else (split,)
-    audit = audit_run(run, splits)
+    audit = audit_run(run, _audit_splits(run, split))
     planted = planted_shortcut(run)
     truth = None
     if planted is not None:
@@ -918,27 +922,21 @@ def label_contrasts(run: RunDir, split: str = "test", top: int = 5) -> pd.DataFr
     ranked by how far the logit moves, among the finding's negative images and with the other findings
     held fixed, when the label's most stable pattern detects its nuisance; with the patterns that carry
     the move and, on a phantom run, whether the label holds the planted shortcut's patterns."""
-    from sae_cxr.audit import label_groups, label_table, shortcut_patterns
+    from sae_cxr.audit import label_table, shortcut_label, shortcut_patterns
     from sae_cxr.contrast import run_contrasts
     from sae_cxr.patterns import load_patterns
 
     cols = ["finding", "rank", "label", "category", "contrast", "se", "z", "n_with", "n_without", "carried_by",
             "planted"]
-    splits = tuple(sorted(set(stored_predictions(run)["split"]))) if split == "all" else (split,)
-    tables = run_contrasts(run, splits).get("patterns", {})
+    tables = run_contrasts(run, _audit_splits(run, split), sources=("patterns",)).get("patterns", {})
     planted = planted_shortcut(run)
     planted_label = None
     if planted is not None:
         try:
             table = load_patterns(run)[0]
-            truth = shortcut_patterns(table, planted.nuisance)
+            planted_label = shortcut_label(label_table(run), len(table), shortcut_patterns(table, planted.nuisance))
         except ValueError:  # not a phantom run: no ground truth to mark
-            table, truth = None, np.zeros(0, dtype=np.int64)
-        if table is not None and len(truth):
-            groups, keys = label_groups(label_table(run), len(table))
-            hits = [int(np.isin(np.flatnonzero(groups == g), truth).sum()) for g in range(len(keys))]
-            if hits and max(hits):
-                planted_label = keys[int(np.argmax(hits))][0]
+            planted_label = None
     rows = []
     for finding, t in tables.items():
         for i, r in enumerate(t.head(top).itertuples()):

@@ -341,6 +341,15 @@ def shortcut_rank(audit: FindingAudit, truth_ids: np.ndarray) -> int | None:
     return int(where[0]) + 1 if len(where) else None
 
 
+def shortcut_label(labels: pd.DataFrame, n_patterns: int, truth_ids: np.ndarray,
+                   categories: Sequence[str] = NUISANCE_CATEGORIES) -> str | None:
+    """The device/artifact label (normalised, as `label_groups` keys it) holding the most true shortcut
+    patterns (ties: the label met first in pattern order); None when no label holds one."""
+    groups, keys = label_groups(labels, n_patterns, categories)
+    hits = [int(np.isin(np.flatnonzero(groups == g), truth_ids).sum()) for g in range(len(keys))]
+    return keys[int(np.argmax(hits))][0] if hits and max(hits) else None
+
+
 def shortcut_group_rank(audit: FindingAudit, truth_ids: np.ndarray, by: str = "swing") -> int | None:
     """1-based rank, among the finding's device/artifact label groups ordered by `by` (swing, as the
     audit ranks them, or separation), of the group holding the most true shortcut patterns (ties: the

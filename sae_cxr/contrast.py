@@ -220,33 +220,38 @@ def contrast_table(sums: ContrastSums, terms: Sequence[NuisanceTerm], labels: pd
 
 
 def run_contrasts(run, splits: Sequence[str], categories: Sequence[str] = ("device", "artifact"),
-                  batch_size: int = 512, min_images: int = 10) -> dict[str, dict[str, pd.DataFrame]]:
-    """Per term source ("records": annotations or report phrases; "patterns": the labels' own pattern
-    detectors, once labels exist) and per finding, the contrast table of every device/artifact term
-    over the valid images of `splits`, from one pass of decompositions."""
+                  batch_size: int = 512, min_images: int = 10,
+                  sources: Sequence[str] = ("records", "patterns")) -> dict[str, dict[str, pd.DataFrame]]:
+    """Per term source of `sources` ("records": annotations or report phrases; "patterns": the labels'
+    own pattern detectors, once labels exist) and per finding, the contrast table of every
+    device/artifact term over the valid images of `splits`, from one pass of decompositions."""
     from sae_cxr.audit import label_table, split_decompositions
     from sae_cxr.findings import FINDINGS
     from sae_cxr.patterns import load_activations, load_patterns
 
+    unknown = set(sources) - {"records", "patterns"}
+    if unknown:
+        raise ValueError(f"unknown contrast term source(s) {sorted(unknown)}; known: records, patterns")
     data = split_decompositions(run, splits, batch_size)
     labels = label_table(run)  # empty before the label stage: carriers then go unnamed, no pattern terms
-    sources: dict[str, tuple[list[NuisanceTerm], Callable]] = {}  # source -> (terms, (slice, batch) -> presence)
-    rec_terms, rec_present = nuisance_terms(data.records, categories)
-    sources["records"] = (rec_terms, lambda sl, batch: rec_present[sl])
-    if len(labels):
+    terms_of: dict[str, tuple[list[NuisanceTerm], Callable]] = {}  # source -> (terms, (slice, batch) -> presence)
+    if "records" in sources:
+        rec_terms, rec_present = nuisance_terms(data.records, categories)
+        terms_of["records"] = (rec_terms, lambda sl, batch: rec_present[sl])
+    if "patterns" in sources and len(labels):
         table, _ = load_patterns(run)
         rows, cols, vals, _ = load_activations(run)
         order = np.argsort(cols, kind="stable")
         starts = np.searchsorted(cols[order], np.arange(data.attributor.n_patterns + 1))
         detectors = pattern_detectors(labels, table.set_index("pattern_id")["stability"],
                                       lambda p: vals[order[starts[p]:starts[p + 1]]], categories)
-        sources["patterns"] = (detectors.terms, lambda sl, batch: detectors.present(batch.activations))
+        terms_of["patterns"] = (detectors.terms, lambda sl, batch: detectors.present(batch.activations))
     C, P = len(FINDINGS), data.attributor.n_patterns
-    sums = {k: [ContrastSums.zeros(c, C, len(terms), P) for c in range(C)] for k, (terms, _) in sources.items()}
+    sums = {k: [ContrastSums.zeros(c, C, len(terms), P) for c in range(C)] for k, (terms, _) in terms_of.items()}
     for sl, batch in data.batches():
-        for k, (_, present) in sources.items():
+        for k, (_, present) in terms_of.items():
             t = present(sl, batch)
             for cs in sums[k]:
                 cs.add(batch.contributions, batch.logit, data.labels[sl], t)
     return {k: {f: contrast_table(sums[k][c], terms, labels, min_images) for c, f in enumerate(FINDINGS)}
-            for k, (terms, _) in sources.items()}
+            for k, (terms, _) in terms_of.items()}

@@ -208,7 +208,8 @@ def explanation_metrics(run: RunDir) -> dict[str, Any]:
 
 def shortcut_metrics(run: RunDir, cfg: EvalConfig, classifier: dict[str, Any]) -> dict[str, Any]:
     """The audit of every finding; on a phantom world with a planted shortcut, whether the audit finds it."""
-    from sae_cxr.audit import audit_run, shortcut_group_rank, shortcut_patterns, shortcut_rank
+    from sae_cxr.audit import (audit_run, label_table, shortcut_group_rank, shortcut_label, shortcut_patterns,
+                               shortcut_rank)
     from sae_cxr.contrast import run_contrasts
     from sae_cxr.findings import Shortcut
     from sae_cxr.patterns import PATTERNS
@@ -239,7 +240,8 @@ def shortcut_metrics(run: RunDir, cfg: EvalConfig, classifier: dict[str, Any]) -
         shift = {"auroc_test": a0, "auroc_test_shifted": a1,
                  "auroc_drop": a0 - a1 if a0 is not None and a1 is not None else None}
     reliance = shortcut_reliance(run, sc.nuisance, sc.finding)
-    label_rank = _planted_label_contrast(label_contrasts.get(sc.finding), fa, truth)
+    label_rank = _planted_label_contrast(label_contrasts.get(sc.finding),
+                                         shortcut_label(label_table(run), len(table), truth))
     out["planted"] = {"shortcut": str(sc), "nuisance": sc.nuisance, "finding": sc.finding, "reliance": reliance,
                       "truth_patterns": truth.tolist(), "pattern_rank": rank, "swing_rank": group_rank,
                       "separation_rank": separation_rank, **label_rank, "rank": label_rank.get("label_contrast_rank"),
@@ -253,25 +255,34 @@ def _contrast_records(t: pd.DataFrame) -> list[dict[str, Any]]:
     return [{**r, "carriers": c} for r, c in zip(_records(t.drop(columns="carriers")), t["carriers"])]
 
 
-def _planted_label_contrast(table: pd.DataFrame | None, audit, truth: np.ndarray) -> dict[str, Any]:
-    """Where the planted nuisance's LABEL (the device/artifact label holding most of its truth patterns)
-    ranks among the finding's label detectors by adjusted logit contrast, with its contrast, se and the
-    gap to the next label: the graded audit, since it needs nothing but the run's own patterns."""
-    if table is None or table.empty or audit is None or audit.groups is None or audit.groups.empty:
-        return {"label_contrast_rank": None}
-    hits = np.array([np.isin(ids, truth).sum() for ids in audit.groups["pattern_ids"]])
-    if not len(hits) or hits.max() == 0:
-        return {"label_contrast_rank": None}
-    label = str(audit.groups.iloc[int(np.argmax(hits))]["label"])
-    hit = np.flatnonzero(table["term"].to_numpy() == f"label:{label}")
+def _term_rank(table: pd.DataFrame | None, term: str, other_name: str) -> dict[str, Any] | None:
+    """Where `term` ranks in a contrast table (`sae_cxr.contrast`, largest contrast first): its 1-based
+    rank, contrast, se and carriers, and the best other term (named by column `other_name`) with the gap
+    to it. None when the table has no such term."""
+    hit = np.flatnonzero(table["term"].to_numpy() == term) if table is not None and not table.empty else []
     if not len(hit):
-        return {"label_contrast_rank": None, "label": label}
+        return None
     i = int(hit[0])
     row, others = table.iloc[i], table.drop(index=table.index[i])
-    return {"label": label, "label_contrast_rank": i + 1, "label_contrast": round(float(row["contrast"]), 4),
-            "label_contrast_se": round(float(row["se"]), 4),
-            "label_contrast_best_other": str(others.iloc[0]["display"]) if len(others) else None,
-            "label_contrast_gap": round(float(row["contrast"] - others.iloc[0]["contrast"]), 4) if len(others) else None}
+    best = others.iloc[0] if len(others) else None
+    return {"rank": i + 1, "contrast": round(float(row["contrast"]), 4), "se": round(float(row["se"]), 4),
+            "best_other": None if best is None else str(best[other_name]),
+            "gap": None if best is None else round(float(row["contrast"] - best["contrast"]), 4),
+            "carriers": row["carriers"]}
+
+
+def _planted_label_contrast(table: pd.DataFrame | None, label: str | None) -> dict[str, Any]:
+    """Where the planted nuisance's LABEL (`sae_cxr.audit.shortcut_label`) ranks among the finding's
+    label detectors by adjusted logit contrast, with its contrast, se and the gap to the next label:
+    the graded audit, since it needs nothing but the run's own patterns."""
+    if label is None:
+        return {"label_contrast_rank": None}
+    r = _term_rank(table, f"label:{label}", "display")
+    if r is None:
+        return {"label": label, "label_contrast_rank": None}
+    return {"label": label, "label_contrast_rank": r["rank"], "label_contrast": r["contrast"],
+            "label_contrast_se": r["se"], "label_contrast_best_other": r["best_other"],
+            "label_contrast_gap": r["gap"]}
 
 
 def _planted_contrast(table: pd.DataFrame | None, nuisance: str) -> dict[str, Any]:
@@ -279,17 +290,11 @@ def _planted_contrast(table: pd.DataFrame | None, nuisance: str) -> dict[str, An
     (`sae_cxr.contrast`), its contrast and standard error, and the gap to the best other term."""
     if table is None or table.empty:
         return {}
-    hit = np.flatnonzero(table["term"].to_numpy() == f"concept:{nuisance}")
-    if not len(hit):
+    r = _term_rank(table, f"concept:{nuisance}", "term")
+    if r is None:
         return {"contrast_rank": None}
-    i = int(hit[0])
-    others = table.drop(index=table.index[i])
-    best_other = others.iloc[0] if len(others) else None
-    row = table.iloc[i]
-    return {"contrast_rank": i + 1, "contrast": round(float(row["contrast"]), 4), "contrast_se": round(float(row["se"]), 4),
-            "contrast_best_other": None if best_other is None else str(best_other["term"]),
-            "contrast_gap": None if best_other is None else round(float(row["contrast"] - best_other["contrast"]), 4),
-            "contrast_carriers": row["carriers"]}
+    return {"contrast_rank": r["rank"], "contrast": r["contrast"], "contrast_se": r["se"],
+            "contrast_best_other": r["best_other"], "contrast_gap": r["gap"], "contrast_carriers": r["carriers"]}
 
 
 def _records(df: pd.DataFrame) -> list[dict[str, Any]]:

@@ -139,3 +139,15 @@ def test_separation_is_the_margin_a_term_supplies_between_the_classes():
     lone = EvidenceSums.zeros(2, 1, by_label=True)
     lone.add(c[:2], y[:2])
     assert np.isnan(lone.separation()).all()
+
+
+def test_shortcut_label_is_the_nuisance_label_holding_most_truth_patterns():
+    from sae_cxr.audit import shortcut_label
+
+    labels = pd.DataFrame({"label": ["pacemaker", "Laterality  marker", "laterality marker", "cardiomegaly"],
+                           "category": ["device", "artifact", "artifact", "cardiac"]},
+                          index=pd.Index([0, 1, 2, 3], name="pattern_id"))
+    assert shortcut_label(labels, 4, np.array([1, 2, 0])) == "laterality marker"  # 2 hits (labels normalised) vs 1
+    assert shortcut_label(labels, 4, np.array([0, 1])) == "pacemaker"  # a tie: the label met first
+    assert shortcut_label(labels, 4, np.array([3])) is None  # a cardiac pattern is no nuisance label
+    assert shortcut_label(labels, 4, np.array([], dtype=np.int64)) is None
