@@ -90,6 +90,15 @@ class ContrastSums:
         self.yy += float((logit[neg, c].astype(np.float64) ** 2).sum())
         self.n += int(neg.sum())
 
+    def merge(self, other: "ContrastSums") -> None:
+        """Add another part's sums (another rank's images) for the same finding, terms and patterns."""
+        if other.finding != self.finding or other.zy.shape != self.zy.shape or other.tt.shape != self.tt.shape:
+            raise ValueError("only sums of the same finding, terms and patterns can be merged")
+        for k in ("zz", "zt", "tt", "zy", "ty"):
+            getattr(self, k).__iadd__(getattr(other, k))
+        self.yy += other.yy
+        self.n += other.n
+
     def counts(self) -> np.ndarray:
         """[T] negative images carrying each term."""
         return np.rint(np.diag(self.tt)).astype(np.int64)
@@ -192,6 +201,19 @@ def pattern_detectors(labels: pd.DataFrame, stability: pd.Series, activation_val
     return PatternDetectors(terms, np.array(ids, dtype=np.int64), np.array(cuts, dtype=np.float64))
 
 
+def run_pattern_detectors(run, labels: pd.DataFrame, categories: Sequence[str] = ("device", "artifact")
+                          ) -> PatternDetectors:
+    """`pattern_detectors` of a run: its patterns' stability and the activations the patterns stage saved."""
+    from sae_cxr.patterns import load_activations, load_patterns
+
+    table, _ = load_patterns(run)
+    _, cols, vals, (_, n_patterns) = load_activations(run)
+    order = np.argsort(cols, kind="stable")
+    starts = np.searchsorted(cols[order], np.arange(n_patterns + 1))
+    return pattern_detectors(labels, table.set_index("pattern_id")["stability"],
+                             lambda p: vals[order[starts[p]:starts[p + 1]]], categories)
+
+
 def contrast_table(sums: ContrastSums, terms: Sequence[NuisanceTerm], labels: pd.DataFrame | None = None,
                    min_images: int = 10, top: int = 5) -> pd.DataFrame:
     """One row per term seen on >= min_images negative images (and missing from as many), all fitted
@@ -227,7 +249,6 @@ def run_contrasts(run, splits: Sequence[str], categories: Sequence[str] = ("devi
     device/artifact term over the valid images of `splits`, from one pass of decompositions."""
     from sae_cxr.audit import label_table, split_decompositions
     from sae_cxr.findings import FINDINGS
-    from sae_cxr.patterns import load_activations, load_patterns
 
     unknown = set(sources) - {"records", "patterns"}
     if unknown:
@@ -239,12 +260,7 @@ def run_contrasts(run, splits: Sequence[str], categories: Sequence[str] = ("devi
         rec_terms, rec_present = nuisance_terms(data.records, categories)
         terms_of["records"] = (rec_terms, lambda sl, batch: rec_present[sl])
     if "patterns" in sources and len(labels):
-        table, _ = load_patterns(run)
-        rows, cols, vals, _ = load_activations(run)
-        order = np.argsort(cols, kind="stable")
-        starts = np.searchsorted(cols[order], np.arange(data.attributor.n_patterns + 1))
-        detectors = pattern_detectors(labels, table.set_index("pattern_id")["stability"],
-                                      lambda p: vals[order[starts[p]:starts[p + 1]]], categories)
+        detectors = run_pattern_detectors(run, labels, categories)
         terms_of["patterns"] = (detectors.terms, lambda sl, batch: detectors.present(batch.activations))
     C, P = len(FINDINGS), data.attributor.n_patterns
     sums = {k: [ContrastSums.zeros(c, C, len(terms), P) for c in range(C)] for k, (terms, _) in terms_of.items()}

@@ -118,6 +118,9 @@ class ReportConfig:
     """Top-activating gallery images in a pattern's thumbnail (a 2 x 2 montage for 4)."""
     located: int = 5
     """Top patterns per prediction whose map peak is named (as the attribution reader does)."""
+    contrast_min_images: int = 10
+    """The audit's nuisance contrast fits a device/artifact label only where at least this many of the
+    finding's negative images have its detector on, and as many have it off (fewer give no estimate)."""
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -130,7 +133,7 @@ class ReportConfig:
         if self.max_images is not None and self.max_images < 1:
             raise ValueError(f"max_images must be >= 1, got {self.max_images}")
         for name in ("per_page", "top_patterns", "waterfall_patterns", "top_evidence_rank", "summary_rows",
-                     "thumb_size", "tile_size", "gallery_images"):
+                     "thumb_size", "tile_size", "gallery_images", "contrast_min_images"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -145,6 +148,8 @@ class ReportStageConfig:
     """Report at most this many images per split (None = all)."""
     per_page: int = 50
     top_patterns: int = 6
+    contrast_min_images: int = 10
+    """See `ReportConfig.contrast_min_images`."""
 
     def __post_init__(self) -> None:
         self.splits = tuple(str(s) for s in self.splits)
@@ -155,7 +160,8 @@ class ReportStageConfig:
 
     def report_config(self, split: str, progress: bool = True) -> ReportConfig:
         return ReportConfig(split=split, max_images=self.max_images, per_page=self.per_page,
-                            top_patterns=self.top_patterns, progress=progress)
+                            top_patterns=self.top_patterns, contrast_min_images=self.contrast_min_images,
+                            progress=progress)
 
 
 @dataclass
@@ -306,6 +312,12 @@ class _Context:
                       for p, lab in self.labels.items() if not lab.unresolved]
         self.label_frame = pd.DataFrame(named_rows, columns=["pattern_id", "label", "category"]).set_index("pattern_id")
         self.label_groups, self.label_group_keys = label_groups(self.label_frame, self.P)
+        self.detectors = None  # one presence detector per device/artifact label, for the nuisance contrast
+        if len(self.label_frame):
+            from sae_cxr.contrast import run_pattern_detectors
+
+            det = run_pattern_detectors(run, self.label_frame)
+            self.detectors = det if len(det.terms) else None
         explain_cfg = (run.config("explain") or {}).get("compose") or {}
         from sae_cxr.config import from_dict
 
@@ -919,18 +931,29 @@ class _Audit:
     """Shortcut-audit sums over the full decompositions of every reported image: the per-pattern sums
     of `sae_cxr.audit` (category shares are derived from them), plus the positive-call support."""
 
-    def __init__(self, P: int, groups: np.ndarray | None = None, group_keys: Sequence[tuple[str, str]] | None = None):
+    def __init__(self, P: int, groups: np.ndarray | None = None, group_keys: Sequence[tuple[str, str]] | None = None,
+                 n_terms: int = 0):
         from sae_cxr.audit import EvidenceSums
+        from sae_cxr.contrast import ContrastSums
 
         C = len(FINDINGS)
+        self.P, self.n_terms = P, n_terms
         self.sums = EvidenceSums.zeros(P, C, groups=groups, group_keys=group_keys, by_label=True)
+        # the adjusted logit contrast of each label detector among each finding's negatives (sae_cxr.contrast)
+        self.contrast = [ContrastSums.zeros(c, C, n_terms, P) for c in range(C)] if n_terms else None
         self.pos_support = np.zeros(C)
         self.pos_support_nuisance = np.zeros(C)
         self.n_pos = np.zeros(C, dtype=np.int64)
         self.carried = np.zeros(C, dtype=np.int64)
 
-    def add(self, ctx: _Context, contributions: np.ndarray, docs: Sequence[_ImageDoc], labels: np.ndarray) -> None:
-        self.sums.add(contributions, labels)  # [B, P, C], the images' finding labels [B, C]
+    def add(self, ctx: _Context, batch: Any, docs: Sequence[_ImageDoc], labels: np.ndarray) -> None:
+        """One page: its full decompositions (`AttributionBatch`), documents and finding labels [B, C]."""
+        contributions = batch.contributions  # [B, P, C]
+        self.sums.add(contributions, labels)
+        if self.contrast is not None:
+            present = ctx.detectors.present(batch.activations)
+            for cs in self.contrast:
+                cs.add(contributions, batch.logit, labels, present)
         for b, doc in enumerate(docs):
             for c, f in enumerate(FINDINGS):
                 if doc.explanations[f][ctx.audiences[0]].decision:
@@ -947,9 +970,12 @@ class _Audit:
         returned as it is; with several, sums equal one process's up to float rounding (order of addition)."""
         if len(parts) == 1:
             return parts[0]
-        out = cls(P, parts[0].sums.groups, parts[0].sums.group_keys)
+        out = cls(P, parts[0].sums.groups, parts[0].sums.group_keys, parts[0].n_terms)
         for part in parts:
             out.sums.merge(part.sums)
+            if out.contrast is not None:
+                for mine, theirs in zip(out.contrast, part.contrast):
+                    mine.merge(theirs)
             for k in ("pos_support", "pos_support_nuisance", "n_pos", "carried"):
                 setattr(out, k, getattr(out, k) + getattr(part, k))
         return out
@@ -986,6 +1012,7 @@ class _Audit:
                                  "share": float(g["share"])}
             out.append({
                 "finding": f,
+                "top_nuisance_contrast": self._top_contrast(ctx, c),
                 "device_share": share(ctx.device, c, tot),
                 "artifact_share": share(ctx.artifact, c, tot),
                 "unnamed_share": share(~ctx.named, c, tot),
@@ -998,6 +1025,33 @@ class _Audit:
                 "top_nuisance_label": top_label,
             })
         return out
+
+
+    def _top_contrast(self, ctx: _Context, c: int) -> dict[str, Any] | None:
+        """The label detector with the largest adjusted contrast of finding c's logit, and the runner-up."""
+        from sae_cxr.contrast import contrast_table
+
+        if self.contrast is None:
+            return None
+        t = contrast_table(self.contrast[c], ctx.detectors.terms, ctx.label_frame, ctx.cfg.contrast_min_images)
+        if not len(t):
+            return None
+        top = t.iloc[0]
+        return {"label": top["display"], "category": top["category"], "contrast": float(top["contrast"]),
+                "se": float(top["se"]) if np.isfinite(top["se"]) else None, "n_with": int(top["n_with"]),
+                "next_label": t.iloc[1]["display"] if len(t) > 1 else None,
+                "gap": float(top["contrast"] - t.iloc[1]["contrast"]) if len(t) > 1 else None}
+
+
+def _top_contrast_cell(row: dict[str, Any]) -> str:
+    """The nuisance whose presence moves the logit most among the finding's negatives (others held fixed)."""
+    t = row.get("top_nuisance_contrast")
+    if not t:
+        return "–"
+    se = "" if t["se"] is None else f" ± {t['se']:.2f}"
+    nxt = "" if t["next_label"] is None else f', next {_esc(t["next_label"])} ({t["gap"]:+.2f} behind)'
+    return (f'{_esc(t["label"])} {_cat_chip(t["category"])} <span class="meta">{t["contrast"]:+.2f}{se} logit on '
+            f'{t["n_with"]} images{nxt}</span>')
 
 
 def _top_label_cell(row: dict[str, Any]) -> str:
@@ -1171,14 +1225,18 @@ def _index_html(ctx: _Context, info: dict[str, Any], metrics: dict[str, Any], au
              f'called positive, the share from device/artifact patterns. "Shortcut predictions": predictions whose '
              f'decision-aligned device/artifact evidence exceeds {thr:.0%} of their evidence (the explanation\'s '
              f'shortcut caveat, computed over all patterns). "Unnamed": patterns without a resolved label, whose '
-             f'category is uncertain.</p>')
+             f'category is uncertain. "Nuisance contrast": among the images labelled negative for the finding, the '
+             f'change of its logit that goes with each device/artifact label\'s detector (the label\'s most stable '
+             f'pattern above its Otsu cut), all labels and the other findings fitted jointly; a shortcut shows as a '
+             f'large positive contrast even where the finding\'s own patterns carry its push.</p>')
     if not ctx.labels:
         o.append('<p class="warn">The label stage has not run: no pattern has a category, so the audit cannot '
                  'see device or artifact patterns. Run `sae-cxr label` and rebuild the report.</p>')
     o.append('<table><tr><th>finding</th><th class="n">device</th><th class="n">artifact</th>'
              '<th class="n">support in positive calls</th><th class="n">positive calls</th>'
              '<th class="n">shortcut predictions</th><th class="n">unnamed</th><th>strongest nuisance pattern</th>'
-             '<th>strongest nuisance label (patterns, swing, separation)</th></tr>')
+             '<th>strongest nuisance label (patterns, swing, separation)</th>'
+             '<th>strongest nuisance contrast (logit, images)</th></tr>')
     for r in audit:
         t = r["top_nuisance_pattern"]
         sup = r["nuisance_share_of_support_in_positive_calls"]
@@ -1196,7 +1254,8 @@ def _index_html(ctx: _Context, info: dict[str, Any], metrics: dict[str, Any], au
                  f'<td class="n">{r["artifact_share"]:.1%}</td>'
                  f'<td class="n{" warn" if hot else ""}">{"–" if sup is None else f"{sup:.1%}"}{" ⚠" if hot else ""}</td>'
                  f'<td class="n">{r["positive_calls"]}</td><td class="n">{r["predictions_with_shortcut"]}</td>'
-                 f'<td class="n">{r["unnamed_share"]:.1%}</td><td>{tp}</td><td>{_top_label_cell(r)}</td></tr>')
+                 f'<td class="n">{r["unnamed_share"]:.1%}</td><td>{tp}</td><td>{_top_label_cell(r)}</td>'
+                 f'<td>{_top_contrast_cell(r)}</td></tr>')
     o.append("</table>")
     o.append(f'<div class="plot">{_audit_figure(audit)}</div>')
     # top patterns
@@ -1465,7 +1524,8 @@ class _PageBuilder:
         manifest_sha, built_at = self.manifest_sha, self.built_at
         cfg, sel = ctx.cfg, ctx.sel
         n, per, n_pages = len(sel.ids), cfg.per_page, len(page_files)
-        audit = _Audit(ctx.P, ctx.label_groups, ctx.label_group_keys)
+        audit = _Audit(ctx.P, ctx.label_groups, ctx.label_group_keys,
+                       len(ctx.detectors.terms) if ctx.detectors is not None else 0)
         pages_meta: list[dict[str, Any]] = []
         idx_w = _csv.writer(idx_f)
         worst_logit = 0.0
@@ -1525,7 +1585,7 @@ class _PageBuilder:
                     raise RunError(f"the attribution tables of {run.path} do not match its classifier and "
                                    f"transcoders (logits differ by {worst_logit:.3g}); rerun `sae-cxr attribute "
                                    f"--run {run.path} --force`")
-                audit.add(ctx, full.contributions, docs, np.stack([ctx.records[rid].labels for rid in ids]))
+                audit.add(ctx, full, docs, np.stack([ctx.records[rid].labels for rid in ids]))
                 writers.write(long_cols)
                 css = "".join(f".{k}{{background-image:url(data:image/png;base64,{v})"
                               + (f";background-size:100% {100 * sizes[k]}%" if k in sizes else "") + "}"

@@ -43,8 +43,16 @@ def test_batches_equal_one_pass_and_the_standard_error_matches_least_squares():
     parts = ContrastSums.zeros(0, 2, 1, 3)
     for s in range(0, len(logit), 64):
         parts.add(contrib[s:s + 64], logit[s:s + 64], labels[s:s + 64], term[s:s + 64])
-    a, b = [tuple(v[0] for v in x.fit(np.array([0]))) for x in (one, parts)]
+    half = len(logit) // 2  # two ranks' sums, merged, are one process's
+    ranks = [ContrastSums.zeros(0, 2, 1, 3) for _ in range(2)]
+    for r, sl in zip(ranks, (slice(0, half), slice(half, None))):
+        r.add(contrib[sl], logit[sl], labels[sl], term[sl])
+    ranks[0].merge(ranks[1])
+    a, b, m = [tuple(v[0] for v in x.fit(np.array([0]))) for x in (one, parts, ranks[0])]
     assert a[0] == pytest.approx(b[0]) and a[1] == pytest.approx(b[1])
+    assert ranks[0].n == one.n and a[0] == pytest.approx(m[0]) and a[1] == pytest.approx(m[1])
+    with pytest.raises(ValueError, match="same finding"):
+        one.merge(ContrastSums.zeros(1, 2, 1, 3))
     neg = labels[:, 0] == 0
     other = labels[neg, 1]
     X = np.column_stack([np.ones(neg.sum()), np.nan_to_num(other) == 1, np.isnan(other), term[neg, 0]]).astype(float)

@@ -287,6 +287,35 @@ def test_report_html_opens_offline_with_a_section_per_image(folder_run):
     assert compared >= 1  # the fixture's world has device/artifact labels on the test split
 
 
+def test_report_nuisance_contrast_is_the_contrast_stage_over_the_same_images(tiny_pipeline_run, tmp_path):
+    """The report accumulates the label detectors' contrast page by page; it must equal the one-pass fit."""
+    from sae_cxr.contrast import run_contrasts
+    from sae_cxr.report import ReportConfig, build_report
+
+    run = tiny_pipeline_run
+    res = build_report(run, ReportConfig(split="test", per_page=9, contrast_min_images=5, progress=False),
+                       out=tmp_path / "report")
+    summary = json.loads((res.out / "report.json").read_text())
+    tables = run_contrasts(run, ("test",), sources=("patterns",), min_images=5)["patterns"]
+    compared = 0
+    for r in summary["shortcut_audit"]:
+        t, table = r["top_nuisance_contrast"], tables[r["finding"]]
+        assert r["images"] == res.images
+        if table.empty:
+            assert t is None
+            continue
+        compared += 1
+        assert (t["label"], t["n_with"]) == (table["display"].iloc[0], table["n_with"].iloc[0])
+        assert t["contrast"] == pytest.approx(table["contrast"].iloc[0], rel=1e-6, abs=1e-9)
+        assert t["se"] == pytest.approx(table["se"].iloc[0], rel=1e-6, abs=1e-9)
+        if len(table) > 1:
+            assert t["next_label"] == table["display"].iloc[1]
+            assert t["gap"] == pytest.approx(table["contrast"].iloc[0] - table["contrast"].iloc[1], rel=1e-6, abs=1e-9)
+    assert compared >= 1, "the tiny world has a pacemaker detector: some finding must get a contrast"
+    index = (res.out / "index.html").read_text(encoding="utf-8")
+    assert "strongest nuisance contrast" in index
+
+
 def test_report_tables_and_json_agree_with_the_attribution(folder_run):
     from sae_cxr.attribution import DecompositionReader
     from sae_cxr.attribution_types import Decomposition
