@@ -300,27 +300,36 @@ def split_decompositions(run: RunDir, splits: Sequence[str], batch_size: int = 5
     return SplitDecompositions(records, labels, store.features()[rows], attr, batch_size)
 
 
+def empty_evidence_sums(n_patterns: int, labels: pd.DataFrame | None = None) -> EvidenceSums:
+    """Zero sums for `n_patterns` patterns, grouped per device/artifact label when `labels` (as
+    `label_table` returns them) is given."""
+    groups, keys = label_groups(labels, n_patterns) if labels is not None else (None, None)
+    return EvidenceSums.zeros(n_patterns, len(FINDINGS), groups=groups, group_keys=keys, by_label=True)
+
+
 def evidence_sums(run: RunDir, splits: Sequence[str], batch_size: int = 512,
                   labels: pd.DataFrame | None = None) -> EvidenceSums:
     """Full decompositions of every valid image of `splits`, summed per pattern and finding, and per
-    label group of device/artifact patterns when `labels` (as `label_table` returns them) is given."""
+    label group of device/artifact patterns when `labels` is given."""
     data = split_decompositions(run, splits, batch_size)
-    n_patterns = data.attributor.n_patterns
-    groups, keys = label_groups(labels, n_patterns) if labels is not None else (None, None)
-    sums = EvidenceSums.zeros(n_patterns, len(FINDINGS), groups=groups, group_keys=keys, by_label=True)
+    sums = empty_evidence_sums(data.attributor.n_patterns, labels)
     for sl, batch in data.batches():
         sums.add(batch.contributions, data.labels[sl])
     return sums
 
 
-def audit_run(run: RunDir, splits: Sequence[str] = ("test",)) -> RunAudit:
-    """The audit of every finding of a labelled run, over the images of `splits`."""
-    labels = label_table(run)
-    sums = evidence_sums(run, splits, labels=labels)
+def audit_from_sums(sums: EvidenceSums, labels: pd.DataFrame, splits: Sequence[str]) -> RunAudit:
+    """The audit of every finding from its accumulated sums."""
     out = RunAudit(splits=tuple(splits))
     for c, finding in enumerate(FINDINGS):
         out.findings[finding] = audit_finding(sums, c, labels, finding)
     return out
+
+
+def audit_run(run: RunDir, splits: Sequence[str] = ("test",)) -> RunAudit:
+    """The audit of every finding of a labelled run, over the images of `splits`."""
+    labels = label_table(run)
+    return audit_from_sums(evidence_sums(run, splits, labels=labels), labels, splits)
 
 
 def shortcut_patterns(patterns: pd.DataFrame, nuisance: str, min_auroc: float = 0.75) -> np.ndarray:

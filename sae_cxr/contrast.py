@@ -30,7 +30,7 @@ pattern only has to DETECT the marker, not carry its push.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -247,7 +247,19 @@ def run_contrasts(run, splits: Sequence[str], categories: Sequence[str] = ("devi
     """Per term source of `sources` ("records": annotations or report phrases; "patterns": the labels'
     own pattern detectors, once labels exist) and per finding, the contrast table of every
     device/artifact term over the valid images of `splits`, from one pass of decompositions."""
-    from sae_cxr.audit import label_table, split_decompositions
+    return _contrast_pass(run, splits, categories, batch_size, min_images, sources, with_audit=False)[1]
+
+
+def audit_and_contrasts(run, splits: Sequence[str], categories: Sequence[str] = ("device", "artifact"),
+                        batch_size: int = 512, min_images: int = 10,
+                        sources: Sequence[str] = ("records", "patterns")) -> tuple[Any, dict[str, dict[str, pd.DataFrame]]]:
+    """`sae_cxr.audit.audit_run` and `run_contrasts` over the same images, from ONE pass of decompositions."""
+    return _contrast_pass(run, splits, categories, batch_size, min_images, sources, with_audit=True)
+
+
+def _contrast_pass(run, splits: Sequence[str], categories: Sequence[str], batch_size: int, min_images: int,
+                   sources: Sequence[str], with_audit: bool) -> tuple[Any, dict[str, dict[str, pd.DataFrame]]]:
+    from sae_cxr.audit import audit_from_sums, empty_evidence_sums, label_table, split_decompositions
     from sae_cxr.findings import FINDINGS
 
     unknown = set(sources) - {"records", "patterns"}
@@ -264,10 +276,14 @@ def run_contrasts(run, splits: Sequence[str], categories: Sequence[str] = ("devi
         terms_of["patterns"] = (detectors.terms, lambda sl, batch: detectors.present(batch.activations))
     C, P = len(FINDINGS), data.attributor.n_patterns
     sums = {k: [ContrastSums.zeros(c, C, len(terms), P) for c in range(C)] for k, (terms, _) in terms_of.items()}
+    evidence = empty_evidence_sums(P, labels) if with_audit else None
     for sl, batch in data.batches():
+        if evidence is not None:
+            evidence.add(batch.contributions, data.labels[sl])
         for k, (_, present) in terms_of.items():
             t = present(sl, batch)
             for cs in sums[k]:
                 cs.add(batch.contributions, batch.logit, data.labels[sl], t)
-    return {k: {f: contrast_table(sums[k][c], terms, labels, min_images) for c, f in enumerate(FINDINGS)}
-            for k, (terms, _) in terms_of.items()}
+    audit = audit_from_sums(evidence, labels, splits) if evidence is not None else None
+    return audit, {k: {f: contrast_table(sums[k][c], terms, labels, min_images) for c, f in enumerate(FINDINGS)}
+                   for k, (terms, _) in terms_of.items()}

@@ -208,18 +208,16 @@ def explanation_metrics(run: RunDir) -> dict[str, Any]:
 
 def shortcut_metrics(run: RunDir, cfg: EvalConfig, classifier: dict[str, Any]) -> dict[str, Any]:
     """The audit of every finding; on a phantom world with a planted shortcut, whether the audit finds it."""
-    from sae_cxr.audit import (audit_run, label_table, shortcut_group_rank, shortcut_label, shortcut_patterns,
-                               shortcut_rank)
-    from sae_cxr.contrast import run_contrasts
+    from sae_cxr.audit import label_table, shortcut_group_rank, shortcut_label, shortcut_patterns, shortcut_rank
+    from sae_cxr.contrast import audit_and_contrasts
     from sae_cxr.findings import Shortcut
     from sae_cxr.patterns import PATTERNS
 
-    audit = audit_run(run, cfg.audit_splits)
+    audit, by_source = audit_and_contrasts(run, cfg.audit_splits)
     out: dict[str, Any] = {"splits": list(cfg.audit_splits),
                            "nuisance_share": {a.finding: round(a.nuisance_share, 4) for a in audit.ranked()},
                            "top_nuisance_patterns": {a.finding: _records(a.patterns.head(5)) for a in audit.ranked()},
                            "top_nuisance_labels": {a.finding: _records(a.groups.head(5)) for a in audit.ranked()}}
-    by_source = run_contrasts(run, cfg.audit_splits)
     contrasts = by_source["records"]
     out["nuisance_contrast"] = {f: _contrast_records(t.head(5)) for f, t in contrasts.items()}
     label_contrasts = by_source.get("patterns", {})

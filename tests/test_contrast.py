@@ -1,6 +1,7 @@
 """Nuisance contrasts: pinned on hand-built cases where the answer is known exactly."""
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from sae_cxr.contrast import REST, ContrastSums, NuisanceTerm, contrast_table
@@ -144,3 +145,23 @@ def test_a_detected_nuisance_counts_even_when_its_pattern_carries_none_of_the_pu
     assert [c["pattern_id"] for c in t.loc[0, "carriers"]][:1] == [1]  # carried by the finding pattern
     shares = {c["pattern_id"]: c["share"] for c in t.loc[0, "carriers"]}
     assert abs(shares[0]) < 1e-9  # the detector itself carries none of it
+
+
+def test_one_pass_audit_and_contrasts_equal_the_separate_passes(tiny_pipeline_run):
+    from sae_cxr.audit import audit_run
+    from sae_cxr.contrast import audit_and_contrasts, run_contrasts
+
+    run = tiny_pipeline_run
+    audit, both = audit_and_contrasts(run, ("test",), min_images=5)
+    alone, contrasts = audit_run(run, ("test",)), run_contrasts(run, ("test",), min_images=5)
+    assert set(both) == set(contrasts) == {"records", "patterns"}
+    for src in both:
+        for f, table in both[src].items():
+            pd.testing.assert_frame_equal(table, contrasts[src][f])
+    assert sum(len(t) for t in both["patterns"].values()) >= 1  # the tiny world's pacemaker detector
+    for f, fa in alone.findings.items():
+        one = audit.findings[f]
+        assert (one.n_images, one.total_evidence, one.nuisance_share) == (fa.n_images, fa.total_evidence,
+                                                                           fa.nuisance_share)
+        pd.testing.assert_frame_equal(one.patterns, fa.patterns)
+        pd.testing.assert_frame_equal(one.groups, fa.groups)
