@@ -1049,7 +1049,7 @@ def _top_contrast_cell(row: dict[str, Any]) -> str:
     if not t:
         return "–"
     se = "" if t["se"] is None else f" ± {t['se']:.2f}"
-    nxt = "" if t["next_label"] is None else f', next {_esc(t["next_label"])} ({t["gap"]:+.2f} behind)'
+    nxt = "" if t["next_label"] is None else f', next {_esc(t["next_label"])} ({t["gap"]:.2f} lower)'
     return (f'{_esc(t["label"])} {_cat_chip(t["category"])} <span class="meta">{t["contrast"]:+.2f}{se} logit on '
             f'{t["n_with"]} images{nxt}</span>')
 
