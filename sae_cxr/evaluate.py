@@ -123,6 +123,56 @@ def pattern_metrics(run: RunDir) -> dict[str, Any]:
             for c, v in out["concept_recovery"]["per_concept"].items():
                 if c in ceiling and v.get("auroc") is not None:
                     v["probe_auroc"] = ceiling[c]
+        for c, worst in weakest_strata(run, out["concept_recovery"]["per_concept"]).items():
+            out["concept_recovery"]["per_concept"][c]["weakest_stratum"] = worst
+    return out
+
+
+def weakest_strata(run: RunDir, per_concept: dict[str, dict[str, Any]], min_share: float = 0.05,
+                   min_class: int = 10) -> dict[str, dict[str, Any]]:
+    """Per concept, the device/artifact concept under which its best pattern detects it worst: the
+    pattern's AUROC on the images WITH that nuisance and on those without (the images the recovery
+    was measured on). A pattern that detects a finding on normal films but not on under-exposed ones
+    shows here as e.g. low_exposure 0.69 / 0.94: a failure of the representation under an acquisition
+    condition, which the overall AUROC averages away. Nuisances on fewer than `min_share` (or more than
+    1 - min_share) of the images, and strata with fewer than `min_class` positives or negatives, are
+    skipped."""
+    from sae_cxr.extract import EmbeddingStore
+    from sae_cxr.findings import CONCEPT_NAMES, CONCEPTS, NUISANCE_CATEGORIES
+    from sae_cxr.ingest import open_run_dataset
+    from sae_cxr.patterns import load_activations
+    from sae_cxr.stats import stratified_auroc
+
+    ds = open_run_dataset(run)
+    if not any(r.concepts for r in ds.records):
+        return {}
+    store = EmbeddingStore(run)
+    splits = np.array([r.split for r in ds.records])
+    fit = np.flatnonzero(store.valid & np.isin(splits, ["train", "val"]))  # as the patterns stage measures
+    truth = ds.concept_truth()[fit]
+    rows, cols, vals, _ = load_activations(run)
+    pos = np.full(len(ds.records), -1, dtype=np.int64)
+    pos[fit] = np.arange(len(fit))
+    nuisances = [j for j, c in enumerate(CONCEPT_NAMES) if CONCEPTS[c].category in NUISANCE_CATEGORIES
+                 and min_share <= np.nanmean(truth[:, j]) <= 1 - min_share]
+    if not nuisances:
+        return {}
+    out: dict[str, dict[str, Any]] = {}
+    for c, v in per_concept.items():
+        if v.get("pattern") is None or c not in CONCEPT_NAMES:
+            continue
+        j = CONCEPT_NAMES.index(c)
+        keep = (cols == v["pattern"]) & (pos[rows] >= 0)
+        score = np.zeros(len(fit))
+        score[pos[rows[keep]]] = vals[keep]
+        others = [k for k in nuisances if k != j]
+        with_, without, n_with = stratified_auroc(truth[:, j], score, truth[:, others] == 1, min_class)
+        if not np.isfinite(with_).any():
+            continue
+        k = int(np.nanargmin(with_))
+        out[c] = {"nuisance": CONCEPT_NAMES[others[k]], "auroc_with": round(float(with_[k]), 4),
+                  "auroc_without": round(float(without[k]), 4) if np.isfinite(without[k]) else None,
+                  "n_with": int(n_with[k])}
     return out
 
 
@@ -515,14 +565,16 @@ def summary_markdown(m: dict[str, Any]) -> str:
     if cr:
         lines += ["", f"## Concept recovery: {cr['recovered']}/{cr['concepts']}", "",
                   "| concept | best pattern | AUROC | linear-probe AUROC (the embedding's ceiling) | stability "
-                  "| best absence pattern: 1 - AUROC |",
-                  "|---|---|---|---|---|---|"]
+                  "| best absence pattern: 1 - AUROC | weakest under: AUROC with / without |",
+                  "|---|---|---|---|---|---|---|"]
         for c, v in sorted(cr["per_concept"].items(), key=lambda kv: -(kv[1]["auroc"] or 0)):
             if v.get("auroc") is None:
                 continue
             absence = f"{v['absence_pattern']}: {v['absence_auroc']:.3f}" if "absence_auroc" in v else ""
+            w = v.get("weakest_stratum")
+            weakest = f"{w['nuisance']}: {w['auroc_with']:.3f} / {_num(w['auroc_without'])}" if w else ""
             lines.append(f"| {c} | {v['pattern']} | {v['auroc']:.3f} | {_num(v.get('probe_auroc'))} | "
-                         f"{v['stability']:.2f} | {absence} |")
+                         f"{v['stability']:.2f} | {absence} | {weakest} |")
         if cr.get("recovered_as_absence"):
             lines += ["", "Recovered only as their absence (a pattern that fires where the concept is missing; "
                       "not counted above): " + ", ".join(

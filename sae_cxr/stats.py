@@ -47,6 +47,27 @@ def auroc(y: np.ndarray, score: np.ndarray) -> float:
     return float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+def stratified_auroc(y: np.ndarray, score: np.ndarray, strata: np.ndarray, min_class: int = 10
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """AUROC of `score` for `y` [N] within each stratum's images and within the rest: strata [N, S] bool.
+    Returns (auroc_with [S], auroc_without [S], n_with [S]); NaN where a side has fewer than `min_class`
+    positives or negatives."""
+    y = np.asarray(y, dtype=np.float64)
+    strata = np.asarray(strata, dtype=bool)
+    if strata.ndim != 2 or strata.shape[0] != len(y) or len(score) != len(y):
+        raise ValueError(f"strata must be [N, S] and score [N] for N = {len(y)} labels")
+    known = ~np.isnan(y)
+
+    def side(mask: np.ndarray) -> float:
+        m = mask & known
+        n_pos = int((y[m] == 1).sum())
+        return auroc(y[m], score[m]) if min(n_pos, int(m.sum()) - n_pos) >= min_class else float("nan")
+
+    with_ = np.array([side(strata[:, k]) for k in range(strata.shape[1])])
+    without = np.array([side(~strata[:, k]) for k in range(strata.shape[1])])
+    return with_, without, strata.sum(0).astype(np.int64)
+
+
 def average_precision(y: np.ndarray, score: np.ndarray) -> float:
     """Area under the precision-recall curve (step interpolation, as sklearn); NaN without positives."""
     y = np.asarray(y, dtype=np.float64)

@@ -51,6 +51,14 @@ def test_eval_stage_on_a_tiny_run(tiny_pipeline_run):
     assert m["attribution"]["completeness_error"] < 1e-4
     cr = m["patterns"]["concept_recovery"]
     assert cr["concepts"] == 18 and 0 <= cr["recovered"] <= 18
+    from sae_cxr.findings import CONCEPTS, NUISANCE_CATEGORIES
+
+    strata = {c: v["weakest_stratum"] for c, v in cr["per_concept"].items() if "weakest_stratum" in v}
+    assert strata  # the tiny world has devices on enough images to stratify by
+    for c, w in strata.items():
+        assert w["nuisance"] != c and CONCEPTS[w["nuisance"]].category in NUISANCE_CATEGORIES
+        assert 0 <= w["auroc_with"] <= 1 and w["n_with"] > 0
+        assert w["auroc_without"] is None or 0 <= w["auroc_without"] <= 1
     planted = m["shortcut"]["planted"]
     assert planted["nuisance"] == "pacemaker" and planted["finding"] == "Cardiomegaly"
     assert planted["rank"] is None or planted["rank"] >= 1

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from sae_cxr.stats import (auroc, auroc_rows, average_precision, average_precision_rows, bce_with_logits,
-                           bootstrap_ci)
+                           bootstrap_ci, stratified_auroc)
 
 
 def test_auroc_hand_worked():
@@ -47,3 +47,18 @@ def test_bootstrap_ci_brackets_the_value_and_reports_single_class():
 def test_bce_hand_worked():
     # logit 0 -> log 2 whatever the label; NaN labels ignored
     assert bce_with_logits(np.array([0.0, 5.0]), np.array([1.0, np.nan])) == pytest.approx(math.log(2))
+
+
+def test_stratified_auroc_hand_worked():
+    y = np.array([1, 1, 0, 0, 1, 1, 0, 0, np.nan])
+    score = np.array([0.9, 0.8, 0.1, 0.2, 0.1, 0.3, 0.2, 0.4, 0.0])
+    strata = np.zeros((9, 2), bool)
+    strata[[0, 1, 2, 3, 8], 0] = True  # stratum 0: perfect inside, the unknown label is left out
+    with_, without, n_with = stratified_auroc(y, score, strata, min_class=2)
+    assert with_[0] == 1.0 and without[0] == 0.25  # rest: 0.3 > 0.2 is the only pair of 4 ranked right
+    assert np.isnan(with_[1])  # an empty stratum has no AUROC
+    assert without[1] == pytest.approx(11.5 / 16)  # everything: 0.9 and 0.8 win 4 each, 0.1 ties 0.1, 0.3 wins 3
+    assert n_with.tolist() == [5, 0]
+    assert np.isnan(stratified_auroc(y, score, strata, min_class=3)[0][0])  # two positives are too few
+    with pytest.raises(ValueError, match="strata must be"):
+        stratified_auroc(y, score, strata[:4])
