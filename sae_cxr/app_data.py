@@ -201,10 +201,23 @@ def patterns_summary(run: RunDir) -> dict[str, Any]:
 
 
 def concept_recovery(run: RunDir) -> pd.DataFrame:
-    """Planted concept -> best pattern and its AUROC (phantom runs; empty otherwise)."""
+    """Planted concept -> best pattern and its AUROC (phantom runs; empty otherwise); once eval has run,
+    also the linear-probe ceiling and the device/artifact under which the pattern detects it worst."""
     rec = patterns_summary(run).get("concept_recovery", {})
-    rows = [{"concept": c, "category": CONCEPTS[c].category if c in CONCEPTS else None, **v}
-            for c, v in rec.get("per_concept", {}).items()]
+    judged: dict[str, Any] = {}
+    if stage_done(run, "eval"):
+        from sae_cxr.evaluate import METRICS
+
+        judged = _json(run, METRICS).get("patterns", {}).get("concept_recovery", {}).get("per_concept", {})
+    rows = []
+    for c, v in rec.get("per_concept", {}).items():
+        row = {"concept": c, "category": CONCEPTS[c].category if c in CONCEPTS else None, **v}
+        if judged:
+            e = judged.get(c, {})
+            w = e.get("weakest_stratum") or {}
+            row.update({"probe_auroc": e.get("probe_auroc"), "weakest_under": w.get("nuisance"),
+                        "auroc_with_it": w.get("auroc_with"), "auroc_without_it": w.get("auroc_without")})
+        rows.append(row)
     return pd.DataFrame(rows)
 
 

@@ -126,6 +126,21 @@ def test_label_contrasts_rank_each_findings_detectors_and_mark_the_planted_label
     assert t["carried_by"].str.len().gt(0).all()
 
 
+def test_concept_recovery_table_carries_the_evals_ceiling_and_weakest_stratum(tiny_run):
+    import json
+
+    rec = ad.concept_recovery(tiny_run)
+    per = json.loads(tiny_run.sub("eval/metrics.json").read_text())["patterns"]["concept_recovery"]["per_concept"]
+    assert len(rec) == len(per)
+    for _, r in rec.iterrows():
+        w = per[r["concept"]].get("weakest_stratum")
+        if w:
+            assert (r["weakest_under"], r["auroc_with_it"]) == (w["nuisance"], w["auroc_with"])
+        else:
+            assert r["weakest_under"] is None or r["weakest_under"] != r["weakest_under"]  # None or NaN
+    assert rec["weakest_under"].notna().any() and rec["probe_auroc"].notna().any()
+
+
 def test_audit_of_a_split_without_attributions_says_how_to_get_them(tiny_run):
     with pytest.raises(ValueError, match="sae-cxr attribute"):
         ad.nuisance_audit(tiny_run, "train")
