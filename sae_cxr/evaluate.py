@@ -117,19 +117,45 @@ def pattern_metrics(run: RunDir) -> dict[str, Any]:
                                   "share_above_random_p95": float(np.mean(ms > np.nanquantile(rnd, 0.95)))}
     if "concept_recovery" in summary:
         out["concept_recovery"] = summary["concept_recovery"]
-        ceiling = probe_ceiling(run)
+        truth = concept_truth_rows(run)
+        ceiling = probe_ceiling(truth) if truth is not None else {}
         if ceiling:
             out["probe_ceiling"] = ceiling
             for c, v in out["concept_recovery"]["per_concept"].items():
                 if c in ceiling and v.get("auroc") is not None:
                     v["probe_auroc"] = ceiling[c]
-        for c, worst in weakest_strata(run, out["concept_recovery"]["per_concept"]).items():
+        strata = weakest_strata(run, truth, out["concept_recovery"]["per_concept"]) if truth is not None else {}
+        for c, worst in strata.items():
             out["concept_recovery"]["per_concept"][c]["weakest_stratum"] = worst
     return out
 
 
-def weakest_strata(run: RunDir, per_concept: dict[str, dict[str, Any]], min_share: float = 0.05,
-                   min_class: int = 10) -> dict[str, dict[str, Any]]:
+@dataclass
+class ConceptTruthRows:
+    """A phantom run's planted concepts on its valid images, split as the patterns stage splits them."""
+
+    store: Any  # sae_cxr.extract.EmbeddingStore
+    fit: np.ndarray  # record rows of train + val (where concept recovery is measured)
+    held: np.ndarray  # record rows of test
+    truth: np.ndarray  # [n_records, n_concepts] presence
+
+
+def concept_truth_rows(run: RunDir) -> ConceptTruthRows | None:
+    """None when the records carry no concepts (real data)."""
+    from sae_cxr.extract import EmbeddingStore
+    from sae_cxr.ingest import open_run_dataset
+
+    ds = open_run_dataset(run)
+    if not any(r.concepts for r in ds.records):
+        return None
+    store = EmbeddingStore(run)
+    splits = np.array([r.split for r in ds.records])
+    return ConceptTruthRows(store, np.flatnonzero(store.valid & np.isin(splits, ["train", "val"])),
+                            np.flatnonzero(store.valid & (splits == "test")), ds.concept_truth())
+
+
+def weakest_strata(run: RunDir, rows_of: ConceptTruthRows, per_concept: dict[str, dict[str, Any]],
+                   min_share: float = 0.05, min_class: int = 10) -> dict[str, dict[str, Any]]:
     """Per concept, the device/artifact concept under which its best pattern detects it worst: the
     pattern's AUROC on the images WITH that nuisance and on those without (the images the recovery
     was measured on). A pattern that detects a finding on normal films but not on under-exposed ones
@@ -137,21 +163,14 @@ def weakest_strata(run: RunDir, per_concept: dict[str, dict[str, Any]], min_shar
     condition, which the overall AUROC averages away. Nuisances on fewer than `min_share` (or more than
     1 - min_share) of the images, and strata with fewer than `min_class` positives or negatives, are
     skipped."""
-    from sae_cxr.extract import EmbeddingStore
     from sae_cxr.findings import CONCEPT_NAMES, CONCEPTS, NUISANCE_CATEGORIES
-    from sae_cxr.ingest import open_run_dataset
     from sae_cxr.patterns import load_activations
     from sae_cxr.stats import stratified_auroc
 
-    ds = open_run_dataset(run)
-    if not any(r.concepts for r in ds.records):
-        return {}
-    store = EmbeddingStore(run)
-    splits = np.array([r.split for r in ds.records])
-    fit = np.flatnonzero(store.valid & np.isin(splits, ["train", "val"]))  # as the patterns stage measures
-    truth = ds.concept_truth()[fit]
+    fit = rows_of.fit
+    truth = rows_of.truth[fit]
     rows, cols, vals, _ = load_activations(run)
-    pos = np.full(len(ds.records), -1, dtype=np.int64)
+    pos = np.full(len(rows_of.truth), -1, dtype=np.int64)
     pos[fit] = np.arange(len(fit))
     nuisances = [j for j, c in enumerate(CONCEPT_NAMES) if CONCEPTS[c].category in NUISANCE_CATEGORIES
                  and min_share <= np.nanmean(truth[:, j]) <= 1 - min_share]
@@ -176,27 +195,18 @@ def weakest_strata(run: RunDir, per_concept: dict[str, dict[str, Any]], min_shar
     return out
 
 
-def probe_ceiling(run: RunDir, max_fit: int = 4000, seed: int = 0) -> dict[str, float]:
+def probe_ceiling(rows_of: ConceptTruthRows, max_fit: int = 4000, seed: int = 0) -> dict[str, float]:
     """Held-out AUROC of a linear probe on the embeddings, per planted concept: how well the backbone
     encodes the concept at all. A pattern rarely beats it, so a concept the probe cannot find is the
     backbone's limit (image size, subtlety), not the dictionary's."""
     from sklearn.linear_model import LogisticRegression
 
-    from sae_cxr.extract import EmbeddingStore
     from sae_cxr.findings import CONCEPT_NAMES
-    from sae_cxr.ingest import open_run_dataset
     from sae_cxr.stats import auroc
 
-    ds = open_run_dataset(run)
-    if not any(r.concepts for r in ds.records):
-        return {}
-    store = EmbeddingStore(run)
-    x = store.features()
-    splits = np.array([r.split for r in ds.records])
-    fit = np.flatnonzero(store.valid & np.isin(splits, ["train", "val"]))
-    held = np.flatnonzero(store.valid & (splits == "test"))
-    fit = np.random.default_rng(seed).permutation(fit)[:max_fit]
-    truth = ds.concept_truth()
+    x = rows_of.store.features()
+    held, truth = rows_of.held, rows_of.truth
+    fit = np.random.default_rng(seed).permutation(rows_of.fit)[:max_fit]
     mu, sd = x[fit].mean(0), x[fit].std(0) + 1e-8
     out: dict[str, float] = {}
     for j, c in enumerate(CONCEPT_NAMES):

@@ -937,7 +937,7 @@ class _Audit:
         from sae_cxr.contrast import ContrastSums
 
         C = len(FINDINGS)
-        self.P, self.n_terms = P, n_terms
+        self.n_terms = n_terms
         self.sums = EvidenceSums.zeros(P, C, groups=groups, group_keys=group_keys, by_label=True)
         # the adjusted logit contrast of each label detector among each finding's negatives (sae_cxr.contrast)
         self.contrast = [ContrastSums.zeros(c, C, n_terms, P) for c in range(C)] if n_terms else None
@@ -1025,7 +1025,6 @@ class _Audit:
                 "top_nuisance_label": top_label,
             })
         return out
-
 
     def _top_contrast(self, ctx: _Context, c: int) -> dict[str, Any] | None:
         """The label detector with the largest adjusted contrast of finding c's logit, and the runner-up."""
