@@ -54,11 +54,30 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
                           f"known keys: {sorted(fields)}")
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
+        default = _field_default(fields[name])
+        if dataclasses.is_dataclass(default) and isinstance(value, dict):
+            # A partial section keeps the parent's defaults for the keys it leaves out: [transcoders.train]
+            # with only `lr` must not reset the stage's own TrainConfig(epochs=..., ...) to TrainConfig().
+            value = _merged(dataclasses.asdict(default), value)
         kwargs[name] = _coerce(hints[name], value, f"{where + '.' if where else ''}{name}")
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"config section {where or cls.__name__}: {e}") from None
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
+
+
+def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` on top of `base`, recursing into mappings present in both."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merged(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
 
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:
