@@ -88,6 +88,7 @@ def main() -> None:
     cfg.classifier.device = cfg.transcoders.device = "cpu"
     tc = cfg.transcoders
     tc.n_members, tc.n_latents, tc.train.epochs = a.members, a.latents, a.epochs
+    tc.train.min_samples = 0  # --epochs means epochs here
     cfg_path = work / "config.json"
     cfg_path.write_text(json.dumps(cfg.to_dict(), indent=1))
     run = RunDir(work / "run", create=True)

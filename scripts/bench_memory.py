@@ -144,6 +144,7 @@ def bench_config(n: int, batch: int) -> RunConfig:
     cfg.classifier.hidden, cfg.classifier.max_epochs, cfg.classifier.patience, cfg.classifier.n_boot = 16, 10, 3, 10
     cfg.transcoders.n_members, cfg.transcoders.n_latents, cfg.transcoders.k = 3, 64, 8
     cfg.transcoders.train.batch_size, cfg.transcoders.train.epochs = 64, 3.0
+    cfg.transcoders.train.min_samples = 0
     cfg.patterns.min_stability, cfg.patterns.min_frequency, cfg.patterns.max_frequency = 0.3, 0.005, 0.95
     cfg.attribution.splits = ("train", "val", "test", "test_shifted")  # every image, not only the test split
     cfg.attribution.batch_size = batch

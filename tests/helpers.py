@@ -31,6 +31,7 @@ def tiny_config(out: Path, n: int = 400, seed: int = 0, shortcut: str | None = "
     cfg.classifier.max_epochs, cfg.classifier.n_boot, cfg.classifier.hidden = 40, 50, 64
     cfg.transcoders.n_members, cfg.transcoders.n_latents, cfg.transcoders.k = 8, 32, 8
     cfg.transcoders.train.epochs, cfg.transcoders.train.batch_size = 6.0, 64
+    cfg.transcoders.train.min_samples = 0  # tiny worlds: the epochs above, not the stage's sample floor
     cfg.patterns.probe_size = 300
     cfg.attribution.faithfulness_samples, cfg.attribution.localization_images = 20, 20
     cfg.explain.max_predictions = 60

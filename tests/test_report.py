@@ -41,6 +41,7 @@ device = "cpu"
 
 [transcoders.train]
 epochs = 2.0
+min_samples = 0
 batch_size = 32
 
 [patterns]

@@ -58,7 +58,10 @@ class TrainConfig:
     epochs: float = 20.0
     """Passes over the data; ignored when `samples` is set."""
     samples: int | None = None
-    """Sample budget (overrides epochs)."""
+    """Sample budget (overrides epochs and min_samples)."""
+    min_samples: int = 0
+    """Train on at least this many samples, however few the data: the optimiser needs a number of
+    STEPS, not of passes, so a small data set gets more epochs (see `sample_budget`)."""
     warmup_frac: float = 0.05
     """Fraction of the steps with a linear warmup from 0."""
     min_lr_frac: float = 0.05
@@ -397,6 +400,13 @@ def train_ensemble(x: Any, h: Any, ensemble_cfg: EnsembleConfig, cfg: TrainConfi
         torch.backends.cuda.matmul.allow_tf32 = tf32_before
 
 
+def sample_budget(cfg: TrainConfig, n: int) -> int:
+    """Samples to train on from n: `samples` when set, else epochs * n raised to min_samples."""
+    if cfg.samples is not None:
+        return int(cfg.samples)
+    return max(int(cfg.epochs * n), int(cfg.min_samples))
+
+
 def _train(x: Tensor, h: Tensor, ensemble_cfg: EnsembleConfig, cfg: TrainConfig, dev: torch.device,
            checkpoint_dir: str | Path | None, progress: bool,
            callback: Callable[[int, dict[str, float]], None] | None) -> tuple[TranscoderEnsemble, TrainHistory]:
@@ -411,7 +421,7 @@ def _train(x: Tensor, h: Tensor, ensemble_cfg: EnsembleConfig, cfg: TrainConfig,
 
     model = TranscoderEnsemble(ensemble_cfg, device=dev)
     steps_per_epoch = N // cfg.batch_size
-    budget = cfg.samples if cfg.samples is not None else int(cfg.epochs * N)
+    budget = sample_budget(cfg, N)
     total = max(1, budget // cfg.batch_size)
     trainer = EnsembleTrainer(model, cfg, N)
     history = TrainHistory(normalization=norm.to_dict(), backend="native" if trainer.native else "torch")

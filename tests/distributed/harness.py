@@ -32,6 +32,7 @@ def tiny_config(backbone: str, n: int = 64) -> dict:
     tc = cfg.transcoders
     tc.n_members, tc.n_latents, tc.k, tc.device = 5, 64, 4, "cpu"
     tc.train.epochs, tc.train.batch_size, tc.train.checkpoint_every = 6.0, 16, 5
+    tc.train.min_samples = 0
     cfg.patterns.probe_size = 256
     cfg.attribution.faithfulness_samples, cfg.attribution.localization_images = 20, 8
     cfg.attribution.batch_size = 7  # several batches per rank, boundaries that differ between 1 and 2 ranks

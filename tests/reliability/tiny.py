@@ -27,6 +27,7 @@ def tiny_config(backbone_dir: Path, n: int = 96, seed: int = 0) -> RunConfig:
     cfg.classifier.n_boot = 20
     cfg.transcoders.n_members, cfg.transcoders.n_latents, cfg.transcoders.k = 3, 32, 4
     cfg.transcoders.train.batch_size, cfg.transcoders.train.epochs = 16, 6.0
+    cfg.transcoders.train.min_samples = 0
     cfg.transcoders.train.checkpoint_every = 5
     cfg.patterns.min_stability = 0.3
     cfg.patterns.min_frequency, cfg.patterns.max_frequency = 0.01, 0.9

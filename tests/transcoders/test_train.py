@@ -131,3 +131,24 @@ def test_input_reconstruction_keeps_an_ordinary_transcoder():
         return float(((hh - torch.as_tensor(h)[:, None]) ** 2).sum() / (3 * ((torch.as_tensor(h) - torch.as_tensor(h).mean(0)) ** 2).sum()))
 
     assert fvu(aux) < 0.5 and fvu(aux) < 2.0 * fvu(pure) + 0.05
+
+
+def test_sample_budget_floors_small_data_sets():
+    from sae_cxr.transcoders.train import sample_budget
+
+    # 40 epochs of 3,624 samples = 144,960, under the floor of 150,000: the floor wins (41.4 epochs)
+    assert sample_budget(TrainConfig(epochs=40.0, min_samples=150_000), 3624) == 150_000
+    # 20 epochs of 170,000 samples = 3.4M, far above the floor: the epochs win
+    assert sample_budget(TrainConfig(epochs=20.0, min_samples=150_000), 170_000) == 3_400_000
+    # an explicit budget overrides both
+    assert sample_budget(TrainConfig(epochs=40.0, min_samples=150_000, samples=1000), 3624) == 1000
+    assert sample_budget(TrainConfig(epochs=2.5, min_samples=0), 100) == 250
+
+
+def test_the_sample_floor_sets_the_number_of_steps():
+    x, h = _data(n=320)
+    ecfg = EnsembleConfig(d_in=24, d_out=20, n_members=1, n_latents=16, k=4)
+    _, hist = train_ensemble(x, h, ecfg, TrainConfig(epochs=1.0, min_samples=3200, batch_size=64, log_every=1),
+                             progress=False)
+    assert hist.steps == 3200 // 64  # 50 steps, not the 5 that one epoch of 320 samples gives
+    assert hist.records[-1]["samples"] == 3200
