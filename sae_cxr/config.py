@@ -38,8 +38,12 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
-    """Build dataclass `cls` from a dict, recursing into nested dataclasses; unknown keys are errors."""
+def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "", base: T | None = None) -> T:
+    """Build dataclass `cls` from a dict, recursing into nested dataclasses; unknown keys are errors.
+
+    Keys the dict leaves out keep their values in `base`, or else the parent field's default: a
+    [transcoders.train] section with only `lr` keeps the stage's own TrainConfig(epochs=40, ...), not
+    TrainConfig()'s."""
     if data is None:
         return cls()
     if isinstance(data, cls):
@@ -54,14 +58,10 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
                           f"known keys: {sorted(fields)}")
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
-        default = _field_default(fields[name])
-        if dataclasses.is_dataclass(default) and isinstance(value, dict):
-            # A partial section keeps the parent's defaults for the keys it leaves out: [transcoders.train]
-            # with only `lr` must not reset the stage's own TrainConfig(epochs=..., ...) to TrainConfig().
-            value = _merged(dataclasses.asdict(default), value)
-        kwargs[name] = _coerce(hints[name], value, f"{where + '.' if where else ''}{name}")
+        inner = getattr(base, name) if base is not None else _field_default(fields[name])
+        kwargs[name] = _coerce(hints[name], value, f"{where + '.' if where else ''}{name}", inner)
     try:
-        return cls(**kwargs)
+        return cls(**kwargs) if base is None else dataclasses.replace(base, **kwargs)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"config section {where or cls.__name__}: {e}") from None
 
@@ -72,24 +72,17 @@ def _field_default(f: dataclasses.Field) -> Any:
     return None if f.default is dataclasses.MISSING else f.default
 
 
-def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """`over` on top of `base`, recursing into mappings present in both."""
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merged(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
-    return out
-
-
-def _coerce(tp: Any, value: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
+def _coerce(tp: Any, value: Any, where: str, default: Any = None) -> Any:
+    """`value` as type `tp`; a nested dataclass section is built over `default` when that is one."""
     if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, where)
+        return from_dict(tp, value, where, default if isinstance(default, tp) else None)
+    origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
         if len(args) == 1:
-            return _coerce(args[0], value, where)
+            return _coerce(args[0], value, where, default)
         return value
     if origin is tuple and isinstance(value, list):
         return tuple(value)
